@@ -1,0 +1,43 @@
+"""gradmagic: make PyTorch autograd visible.
+
+In IPython or Jupyter::
+
+    %load_ext gradmagic
+
+    %%grad
+    loss = criterion(model(x), y)
+    loss.backward()
+
+In a script, `gradmagic.watch()` records the same and `rec.report()` gives the
+report. Importing gradmagic does not import IPython.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .capture import Recorder, watch
+from .diagnostics import Finding
+from .graph import graph
+from .report import GradReport
+
+__version__ = "0.1.0"
+__all__ = ["Finding", "GradReport", "Recorder", "graph", "watch", "__version__"]
+
+_loaded: dict[int, Any] = {}
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext gradmagic`: register `%%grad` and `%grad`."""
+    from .magic import load
+
+    if id(ipython) not in _loaded:
+        _loaded[id(ipython)] = load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """`%unload_ext gradmagic`: remove the magics and anything still patched."""
+    from .magic import unload
+
+    _loaded.pop(id(ipython), None)
+    unload(ipython)

@@ -1,0 +1,208 @@
+"""The one module that touches private PyTorch API.
+
+Every Python entry into the autograd engine (`Tensor.backward`,
+`torch.autograd.backward`, `torch.autograd.grad`) ends in
+`_engine_run_backward`, bound under two names. gradmagic wraps both while a
+recorder is active and restores both afterwards. `tests/test_engine.py` fails
+loudly when a torch upgrade moves any of this.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.autograd
+import torch.autograd.graph
+
+# Modules that hold a reference to the engine entry point. `torch.autograd`
+# imports it from `torch.autograd.graph`, and `backward()`/`grad()` look it up
+# in `torch.autograd`'s globals, so both must be wrapped.
+ENGINE_HOLDERS = (torch.autograd.graph, torch.autograd)
+ENGINE_ATTR = "_engine_run_backward"
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass
+class EngineCall:
+    """One call into the autograd engine, with its arguments normalised."""
+
+    outputs: tuple[Any, ...]
+    grad_outputs: tuple[Any, ...]
+    retain_graph: bool
+    create_graph: bool
+    inputs: tuple[Any, ...]
+    accumulate_grad: bool
+    # The `gradient=` / `grad_outputs=` argument exactly as the user passed it
+    # (None when PyTorch made the implicit ones for a scalar).
+    user_gradient: Any = None
+    user_frames: list[Any] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "backward" if self.accumulate_grad else "grad"
+
+
+def parse_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> EngineCall:
+    """Normalise the arguments of `_engine_run_backward(t_outputs, *args, **kwargs)`.
+
+    Positional order in torch 2.13: outputs, grad_outputs, keep_graph,
+    create_graph, inputs, allow_unreachable; `accumulate_grad` by keyword.
+    """
+    names = ("outputs", "grad_outputs", "retain_graph", "create_graph", "inputs")
+    values = dict(zip(names, args))
+    for name in names:
+        if name in kwargs:
+            values[name] = kwargs[name]
+    return EngineCall(
+        outputs=tuple(values.get("outputs") or ()),
+        grad_outputs=tuple(values.get("grad_outputs") or ()),
+        retain_graph=bool(values.get("retain_graph")),
+        create_graph=bool(values.get("create_graph")),
+        inputs=tuple(values.get("inputs") or ()),
+        accumulate_grad=bool(kwargs.get("accumulate_grad", True)),
+    )
+
+
+def _user_gradient_from(frame: Any) -> Any:
+    """The gradient argument as given to `torch.autograd.backward`/`grad`."""
+    code = frame.f_code
+    if code is torch.autograd.backward.__code__:
+        return frame.f_locals.get("grad_tensors")
+    if code is torch.autograd.grad.__code__:
+        return frame.f_locals.get("grad_outputs")
+    return None
+
+
+def caller_context(call: EngineCall, frame: Any) -> None:
+    """Fill `user_gradient` and the user's frames (outside torch) from `frame` up."""
+    while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+        if call.user_gradient is None:
+            call.user_gradient = _user_gradient_from(frame)
+        frame = frame.f_back
+    frames = []
+    while frame is not None and len(frames) < 32:
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            frames.append(frame)
+        frame = frame.f_back
+    call.user_frames = frames
+
+
+def should_skip(call: EngineCall) -> bool:
+    """Calls gradmagic must leave alone: compile tracing, functorch, fake tensors."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for t in call.outputs:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if isinstance(t, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+    return False
+
+
+def grad_fn_of(t: Any) -> Any:
+    """The autograd node a root tensor (or GradientEdge) starts from."""
+    if isinstance(t, torch.autograd.graph.GradientEdge):
+        return t.node
+    if isinstance(t, torch.Tensor):
+        return t.grad_fn
+    return None
+
+
+def is_accumulate_node(node: Any) -> bool:
+    return type(node).__name__ == "AccumulateGrad"
+
+
+def iter_leaves(
+    roots: Sequence[Any], limit: int = 2_000_000
+) -> Iterator[tuple[torch.Tensor, str | None]]:
+    """Yield `(leaf, consuming op name)` for every leaf reachable from `roots`, once.
+
+    The walk is iterative: a recursive one overflows on long chains.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, str | None]] = []
+    for root in roots:
+        node = grad_fn_of(root)
+        if node is None:
+            if isinstance(root, torch.Tensor) and root.requires_grad:
+                yield root, None
+            continue
+        stack.append((node, None))
+    visited = 0
+    while stack and visited < limit:
+        node, parent = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        visited += 1
+        if is_accumulate_node(node):
+            yield node.variable, parent
+            continue
+        name = node.name()
+        for child, _ in node.next_functions:
+            if child is not None and id(child) not in seen:
+                stack.append((child, name))
+
+
+# --- installing the wrapper -------------------------------------------------
+
+# handler(original, args, kwargs, caller_frame) -> whatever the engine returns
+Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any], Any]
+
+_lock = threading.Lock()
+_originals: dict[int, Any] = {}
+_installs = 0
+
+
+def original_engine() -> Any:
+    """The unwrapped engine function (for tests and restoration checks)."""
+    return _originals.get(id(torch.autograd.graph), torch.autograd.graph._engine_run_backward)
+
+
+def _make_wrapper(original: Any, handler: Handler) -> Any:
+    def _engine_run_backward(t_outputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return handler(original, (t_outputs, *args), kwargs, sys._getframe(1))
+
+    _engine_run_backward.__wrapped__ = original  # type: ignore[attr-defined]
+    _engine_run_backward.__gradmagic__ = True  # type: ignore[attr-defined]
+    return _engine_run_backward
+
+
+def install(handler: Handler) -> None:
+    """Wrap the engine entry point under both names (reference counted)."""
+    global _installs
+    with _lock:
+        _installs += 1
+        if _installs > 1:
+            return
+        original = torch.autograd.graph._engine_run_backward
+        wrapper = _make_wrapper(original, handler)
+        for holder in ENGINE_HOLDERS:
+            _originals[id(holder)] = getattr(holder, ENGINE_ATTR)
+            setattr(holder, ENGINE_ATTR, wrapper)
+
+
+def uninstall() -> None:
+    """Undo one `install`; the last one puts the original functions back."""
+    global _installs
+    with _lock:
+        if _installs == 0:
+            return
+        _installs -= 1
+        if _installs:
+            return
+        for holder in ENGINE_HOLDERS:
+            setattr(holder, ENGINE_ATTR, _originals.pop(id(holder)))
+
+
+def is_patched() -> bool:
+    return any(getattr(getattr(h, ENGINE_ATTR), "__gradmagic__", False) for h in ENGINE_HOLDERS)

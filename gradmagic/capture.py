@@ -1,0 +1,564 @@
+"""`watch()`: record every call into the autograd engine while active.
+
+Works in a plain script, without IPython::
+
+    with gradmagic.watch() as rec:
+        loss = (100 * x).sum()
+        loss.backward()
+    print(rec.report())
+
+While active, the engine entry point is wrapped (see `_engine.py`). Each
+backward is recorded as a `BackwardRecord`; each leaf it reaches gets a
+`LeafRecord` holding its `.grad` before the first backward of the block and
+after the last. Leaves are held through weak references only; small gradients
+are copied, large ones summarised (`stats.py`).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import _engine, stats
+from .history import History, RunEntry, default_history
+from .naming import CreatedLeafNames, Namer, fallback_name, names_in_frames, unique
+
+STATUSES = ("nan/inf", "accumulated", "new", "none", "unchanged")
+
+
+@dataclass
+class Options:
+    """What to record and show. The magic's flags map one to one onto these."""
+
+    values: int = stats.DEFAULT_VALUES
+    copies: bool = False
+    only: re.Pattern[str] | None = None
+    graph: bool = True
+    max_nodes: int = 60
+    depth: int | None = None
+    flow_budget: int = 150
+
+    def __post_init__(self) -> None:
+        if isinstance(self.values, bool) or not isinstance(self.values, int) or self.values < 0:
+            raise ValueError(f"values must be a whole number >= 0, not {self.values!r}.")
+        if isinstance(self.only, str):
+            try:
+                self.only = re.compile(self.only)
+            except re.error as exc:
+                raise ValueError(
+                    f"only={self.only!r} is not a valid regular expression: {exc}."
+                ) from None
+
+    def keeps_values(self, t: torch.Tensor) -> bool:
+        return self.copies or t.numel() <= self.values
+
+
+@dataclass
+class BackwardRecord:
+    """One call into the autograd engine made while watching."""
+
+    kind: str  # "backward" or "grad"
+    roots: list[str]
+    gradient: list[Any] | None  # the `gradient=` argument: copies or summaries
+    retain_graph: bool
+    create_graph: bool
+    inputs: list[str] | None
+    leaf_keys: list[int] = field(default_factory=list)
+    error: str | None = None
+    results: list[Any] | None = None  # what torch.autograd.grad returned
+    graph: Any = None  # graph.GraphSnapshot when recorded
+    _root_refs: list[Any] = field(default_factory=list, repr=False)
+    _input_refs: list[Any] = field(default_factory=list, repr=False)
+
+    def __repr__(self) -> str:
+        extra = f", gradient={self.gradient}" if self.gradient is not None else ""
+        return f"BackwardRecord(kind={self.kind!r}, roots={self.roots}{extra})"
+
+
+@dataclass
+class LeafRecord:
+    """One leaf tensor a backward reached (or that should have got a gradient)."""
+
+    key: int
+    ref: Any  # weakref.ref to the leaf
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    numel: int
+    local_name: str | None = None
+    consumer: str | None = None
+    before: Any = None
+    before_stale: bool = False
+    runs_before: int = 0
+    before_copy: torch.Tensor | None = None
+    after: Any = None
+    after_ref: Any = None
+    after_version: int = -1
+    backwards: int = 0  # accumulating backwards that reached it
+    grad_calls: int = 0
+    accumulated_in_block: bool = False
+    expected: bool = False
+    # filled when the block closes
+    name: str = ""
+    names: list[str] = field(default_factory=list)
+    added: Any = None
+    status: str = ""
+    runs: int = 0
+    is_parameter: bool = False
+    order: int = 0
+
+
+def _value_or_summary(t: torch.Tensor | None, options: Options) -> Any:
+    if t is None:
+        return None
+    if options.keeps_values(t):
+        return stats.exact_copy(t)
+    return stats.summaries([t])[0]
+
+
+def _is_nonfinite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return stats.has_nonfinite(value)
+    if isinstance(value, stats.TensorSummary):
+        return value.nonfinite
+    return False
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return stats.is_all_zero(value)
+    if isinstance(value, stats.TensorSummary):
+        return value.is_zero
+    return value is None
+
+
+class Recorder:
+    """Records the engine calls of one watched block. Use `watch()` to get one."""
+
+    def __init__(
+        self,
+        namespace: Mapping[str, Any] | None = None,
+        source: str | None = None,
+        history: History | None = None,
+        options: Options | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.source = source
+        self.history = history if history is not None else default_history
+        self.options = options or Options()
+        self.records: list[BackwardRecord] = []
+        self.leaves: list[LeafRecord] = []
+        self.internal_errors: list[str] = []
+        self.nonleaf_grad_reads: list[str] = []
+        self.run_number = 0
+        self.closed = False
+        self._by_leaf: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._thread = threading.get_ident()
+        self._depth = 0
+        self._modules_called: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._report = None
+        self.created_names = CreatedLeafNames()
+        self._pending: list[torch.Tensor] = []
+        self.findings: list[Any] = []
+
+    # -- the engine wrapper's handler -------------------------------------------
+    def handle(self, original: Any, args: tuple, kwargs: dict, frame: Any) -> Any:
+        if self.closed or self._depth or threading.get_ident() != self._thread:
+            return original(*args, **kwargs)
+        call = _engine.parse_call(args, kwargs)
+        if _engine.should_skip(call):
+            return original(*args, **kwargs)
+        self._depth += 1
+        try:
+            record, flow = self._begin_safely(call, frame)
+            try:
+                with flow:
+                    result = original(*args, **kwargs)
+            except BaseException as exc:
+                if record is not None:
+                    record.error = f"{type(exc).__name__}: {exc}"
+                raise
+            if record is not None:
+                self._guard(self._end, record, call, result)
+            return result
+        finally:
+            self._depth -= 1
+
+    def _guard(self, fn: Any, *args: Any) -> Any:
+        """Run bookkeeping so that a fault in gradmagic never breaks the user's backward."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - reported in the report, not raised
+            self.internal_errors.append(f"{fn.__name__}: {type(exc).__name__}: {exc}")
+            return None
+
+    def _begin_safely(self, call: _engine.EngineCall, frame: Any) -> tuple[Any, Any]:
+        out = self._guard(self._begin, call, frame)
+        return out if out is not None else (None, nullcontext())
+
+    # -- before the engine runs -------------------------------------------------
+    def _begin(self, call: _engine.EngineCall, frame: Any) -> tuple[BackwardRecord, Any]:
+        _engine.caller_context(call, frame)
+        if call.inputs:
+            consumers = {id(t): None for t in call.inputs if isinstance(t, torch.Tensor)}
+            leaves = [t for t in call.inputs if isinstance(t, torch.Tensor)]
+        else:
+            found = list(_engine.iter_leaves(call.outputs))
+            consumers = {id(leaf): op for leaf, op in found}
+            leaves = [leaf for leaf, _ in found]
+        fresh = [leaf for leaf in leaves if leaf not in self._by_leaf]
+        roots = [t for t in call.outputs if isinstance(t, torch.Tensor)]
+        local = names_in_frames(call.user_frames, {id(t): t for t in (*fresh, *roots)})
+        for leaf in fresh:
+            self._register(leaf, local.get(id(leaf))).consumer = consumers.get(id(leaf))
+        records = [self._by_leaf[leaf] for leaf in leaves]
+        if call.accumulate_grad:
+            for leaf, rec in zip(leaves, records):
+                self._note_accumulation(leaf, rec)
+        record = BackwardRecord(
+            kind=call.kind,
+            roots=[local.get(id(t), "") for t in roots],
+            gradient=self._gradient_argument(call.user_gradient),
+            retain_graph=call.retain_graph,
+            create_graph=call.create_graph,
+            inputs=[rec.local_name or "" for rec in records] if call.inputs else None,
+            leaf_keys=[rec.key for rec in records],
+            _root_refs=[weakref.ref(t) for t in roots],
+            _input_refs=[weakref.ref(t) for t in call.inputs if isinstance(t, torch.Tensor)],
+        )
+        self.records.append(record)
+        self._pending = leaves if call.accumulate_grad else []
+        return record, self._graph_begin(record, call)
+
+    def _graph_begin(self, record: BackwardRecord, call: _engine.EngineCall) -> Any:
+        """Snapshot the graph before the engine frees it; returns the flow recorder."""
+        if not self.options.graph:
+            return nullcontext()
+        from .graph import FlowRecorder, snapshot
+
+        snap, live = snapshot(
+            call.outputs,
+            leaf_key=self._leaf_key,
+            root_names=record.roots,
+            inputs=call.inputs or None,
+        )
+        record.graph = snap
+        if snap.n_ops > self.options.flow_budget:
+            return nullcontext()
+        return FlowRecorder(snap, live, budget=self.options.flow_budget, values=self.options.values)
+
+    def _leaf_key(self, leaf: torch.Tensor) -> int:
+        rec = self._by_leaf.get(leaf)
+        if rec is None:
+            rec = self._register(leaf, None)
+        return rec.key
+
+    def _register(self, leaf: torch.Tensor, local_name: str | None) -> LeafRecord:
+        rec = LeafRecord(
+            key=len(self.leaves),
+            ref=weakref.ref(leaf),
+            shape=tuple(leaf.shape),
+            dtype=stats.dtype_name(leaf.dtype),
+            device=str(leaf.device),
+            numel=leaf.numel(),
+            local_name=local_name,
+            is_parameter=isinstance(leaf, nn.Parameter),
+        )
+        grad = leaf.grad
+        rec.before = _value_or_summary(grad, self.options)
+        if grad is not None and not _is_zero(rec.before):
+            item = self.history.get(leaf)
+            rec.before_stale = True
+            rec.runs_before = item.runs if item and item.grad_ref and item.grad_ref() is grad else 1
+            if not isinstance(rec.before, torch.Tensor):
+                # A transient copy, to say exactly what this block added.
+                rec.before_copy = stats.exact_copy(grad)
+        self.leaves.append(rec)
+        self._by_leaf[leaf] = rec
+        return rec
+
+    def _note_accumulation(self, leaf: torch.Tensor, rec: LeafRecord) -> None:
+        """A second backward in the block that adds to the first one's gradient."""
+        grad = leaf.grad
+        if grad is None or rec.backwards == 0:
+            return
+        untouched = rec.after_ref is not None and rec.after_ref() is grad
+        if untouched and grad._version == rec.after_version or not stats.is_all_zero(grad):
+            rec.accumulated_in_block = True
+
+    def _gradient_argument(self, gradient: Any) -> list[Any] | None:
+        if gradient is None:
+            return None
+        items = gradient if isinstance(gradient, (tuple, list)) else (gradient,)
+        return [
+            _value_or_summary(g, self.options) if isinstance(g, torch.Tensor) else g for g in items
+        ]
+
+    # -- after the engine ran ---------------------------------------------------
+    def _end(self, record: BackwardRecord, call: _engine.EngineCall, result: Any) -> None:
+        if record.kind == "grad":
+            for key in record.leaf_keys:
+                self.leaves[key].grad_calls += 1
+            outs = result if isinstance(result, (tuple, list)) else (result,)
+            record.results = [
+                _value_or_summary(r, self.options) if isinstance(r, torch.Tensor) else None
+                for r in outs
+            ]
+            return
+        pending, self._pending = self._pending, []
+        small, large = [], []
+        for leaf in pending:
+            rec = self._by_leaf[leaf]
+            rec.backwards += 1
+            grad = leaf.grad
+            rec.after_ref = weakref.ref(grad) if grad is not None else None
+            rec.after_version = grad._version if grad is not None else -1
+            if grad is None:
+                rec.after = None
+            elif self.options.keeps_values(grad):
+                small.append((rec, grad))
+            else:
+                large.append((rec, grad))
+        for rec, grad in small:
+            rec.after = stats.exact_copy(grad)
+        # Large gradients: only a batched norm now; full statistics when the block
+        # closes, if the gradient is still the one this backward left.
+        for (rec, grad), norm in zip(large, stats.norms([g for _, g in large])):
+            rec.after = stats.TensorSummary(
+                tuple(grad.shape), stats.dtype_name(grad.dtype), grad.numel(), norm
+            )
+
+    # -- closing ----------------------------------------------------------------
+    def _note_module_call(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.is_grad_enabled():
+            self._modules_called[module] = True
+
+    def close(self) -> None:
+        """Finish the records: names, full summaries, statuses, history."""
+        if self.closed:
+            return
+        self.closed = True
+        self._guard(self._finish)
+        from .diagnostics import findings_for
+
+        self.findings = self._guard(findings_for, self) or []
+        # The namespace holds the user's tensors: a recorder kept around must not.
+        self.namespace = None
+
+    def _finish(self) -> None:
+        namer = Namer(self.namespace)
+        self._add_expected(namer)
+        self._complete_summaries()
+        for rec in self.leaves:
+            self._settle(rec)
+        self._name_leaves(namer)
+        for record in self.records:
+            for i, ref in enumerate(record._root_refs):
+                t = ref()
+                if t is not None and not record.roots[i]:
+                    record.roots[i] = namer.name(t) or ""
+            if record.inputs is not None:
+                record.inputs = [self.leaves[k].name for k in record.leaf_keys]
+            record._root_refs = []
+            record._input_refs = []
+        run = self.history.new_run() if self.leaves else self.history.cell_runs
+        self.run_number = run
+        for rec in self.leaves:
+            leaf = rec.ref()
+            if leaf is not None and rec.status != "unchanged":
+                entry = RunEntry(run, rec.before, rec.after, rec.added, rec.status, rec.runs)
+                self.history.record(leaf, entry)
+            rec.before_copy = None
+
+    def _complete_summaries(self) -> None:
+        todo = []
+        for rec in self.leaves:
+            if isinstance(rec.after, stats.TensorSummary) and rec.after.mean is None:
+                grad = rec.after_ref() if rec.after_ref else None
+                if grad is not None and grad._version == rec.after_version:
+                    todo.append((rec, grad))
+                else:
+                    rec.after = stats.TensorSummary(
+                        **{**rec.after.__dict__, "note": "changed after backward"}
+                    )
+        for (rec, _), summary in zip(todo, stats.summaries([g for _, g in todo])):
+            rec.after = summary
+        diffs = []
+        for rec, grad in todo:
+            if rec.before_copy is not None and rec.before_copy.shape == grad.shape:
+                diffs.append((rec, grad.detach() - rec.before_copy))
+        for (rec, _), summary in zip(diffs, stats.summaries([d for _, d in diffs])):
+            rec.added = summary
+
+    def _settle(self, rec: LeafRecord) -> None:
+        """Decide what this block added and the status word."""
+        if rec.added is None:
+            rec.added = self._added(rec)
+        if rec.backwards == 0:
+            rec.after = rec.before
+            rec.status = "none" if rec.expected else "unchanged"
+            item = self.history.get(rec.ref()) if rec.ref() is not None else None
+            rec.runs = item.runs if (item and rec.status == "unchanged") else 0
+            return
+        if rec.after is None:
+            rec.status, rec.runs = "none", 0
+            return
+        accumulated = rec.before_stale or rec.accumulated_in_block
+        if _is_nonfinite(rec.after):
+            rec.status = "nan/inf"
+        elif accumulated:
+            rec.status = "accumulated"
+        else:
+            rec.status = "new"
+        rec.runs = rec.runs_before + 1 if rec.before_stale else 1
+
+    def _added(self, rec: LeafRecord) -> Any:
+        if rec.backwards == 0 or rec.after is None:
+            return None
+        if isinstance(rec.after, torch.Tensor):
+            if isinstance(rec.before, torch.Tensor) and rec.before.shape == rec.after.shape:
+                return rec.after - rec.before
+            return rec.after
+        if rec.before is None:
+            return rec.after
+        return None
+
+    def _name_leaves(self, namer: Namer) -> None:
+        for rec in self.leaves:
+            leaf = rec.ref()
+            names = namer.names(leaf) if leaf is not None else []
+            local = rec.local_name or (self.created_names.get(leaf) if leaf is not None else None)
+            if local and local not in names:
+                names.append(local)
+            rec.names = names
+            rec.name = names[0] if names else fallback_name(rec.key, rec.consumer)
+            position = namer.order(leaf) if leaf is not None else None
+            rec.order = position if position is not None else 1_000_000 + rec.key
+        for rec, name in zip(self.leaves, unique(rec.name for rec in self.leaves)):
+            rec.name = name
+
+    def _add_expected(self, namer: Namer) -> None:
+        """Leaves that should have got a gradient and did not (status `none`)."""
+        if not self.namespace or not any(r.kind == "backward" for r in self.records):
+            return
+        named = _names_in_source(self.source)
+        reached = {id(rec.ref()) for rec in self.leaves if rec.backwards and rec.ref() is not None}
+        candidates: list[torch.Tensor] = []
+        for name in named:
+            value = self.namespace.get(name)
+            if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
+                candidates.append(value)
+        for name, value in list(self.namespace.items()):
+            if not isinstance(value, nn.Module) or name.startswith("_"):
+                continue
+            params = [p for p in value.parameters() if p.requires_grad]
+            got_some = any(id(p) in reached for p in params)
+            ran_here = name in named and value in self._modules_called
+            if got_some or ran_here:
+                candidates.extend(params)
+        for leaf in candidates:
+            if id(leaf) in reached:
+                continue
+            rec = self._by_leaf.get(leaf) or self._register(leaf, None)
+            rec.expected = True
+
+    def report(self) -> Any:
+        """The `GradReport` of this block (built once, after it closed)."""
+        if self._report is None:
+            from .report import GradReport
+
+            self.close()
+            self._report = GradReport.from_recorder(self)
+        return self._report
+
+    def rows(self) -> list[LeafRecord]:
+        """Leaf rows in table order, filtered by `only`."""
+        rows = [rec for rec in self.leaves if rec.backwards or rec.grad_calls or rec.expected]
+        rows.sort(key=lambda rec: rec.order)
+        if self.options.only is not None:
+            rows = [rec for rec in rows if self.options.only.search(rec.name)]
+        return rows
+
+
+def _names_in_source(source: str | None) -> set[str]:
+    """Top-level names the code mentions (`x`, `model`), for 'expected a gradient'."""
+    if not source:
+        return set()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set(re.findall(r"[A-Za-z_]\w*", source))
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+_active: list[Recorder] = []
+
+
+def _dispatch(original: Any, args: tuple, kwargs: dict, frame: Any) -> Any:
+    """The engine wrapper's single handler: the innermost active recorder records."""
+    recorder = _active[-1] if _active else None
+    if recorder is None:
+        return original(*args, **kwargs)
+    return recorder.handle(original, args, kwargs, frame)
+
+
+def active_recorders() -> list[Recorder]:
+    return list(_active)
+
+
+@contextmanager
+def watch(
+    namespace: Mapping[str, Any] | None = None,
+    *,
+    source: str | None = None,
+    history: History | None = None,
+    values: int = stats.DEFAULT_VALUES,
+    copies: bool = False,
+    only: str | None = None,
+    graph: bool = True,
+    max_nodes: int = 60,
+    depth: int | None = None,
+) -> Iterator[Recorder]:
+    """Record every backward made inside the block.
+
+    `namespace` names the leaves (defaults to the caller's globals and locals);
+    `source` is the code of the block, used to tell which leaves were expected
+    to get a gradient. The engine is restored when the block exits, also when
+    it raises.
+
+    >>> x = torch.tensor([1., 2.], requires_grad=True)
+    >>> with watch() as rec:
+    ...     (100 * x).sum().backward()
+    >>> rec.report().table.loc["x", "after"]
+    tensor([100., 100.])
+    """
+    caller = sys._getframe(2) if namespace is None else None
+    options = Options(values, copies, only, graph, max_nodes, depth)
+    recorder = Recorder(namespace, source, history, options)
+    hook = nn.modules.module.register_module_forward_hook(recorder._note_module_call)
+    _engine.install(_dispatch)
+    _active.append(recorder)
+    recorder.created_names.__enter__()
+    try:
+        yield recorder
+    finally:
+        recorder.created_names.__exit__()
+        _active.remove(recorder)
+        _engine.uninstall()
+        hook.remove()
+        if caller is not None:
+            # Read the caller's variables now: the block may have created them.
+            recorder.namespace = {**caller.f_globals, **caller.f_locals}
+            del caller
+        recorder.close()

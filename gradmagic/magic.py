@@ -1,0 +1,199 @@
+"""`%%grad` and `%grad`: parse options, run the cell under `watch()`, display.
+
+Kept thin: everything worth testing lives in `capture`, `report` and below.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from .capture import watch
+from .history import History
+
+
+def _count(name: str, low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(f"{name} takes a whole number, not {text!r}.") from None
+        if value < low:
+            raise UsageError(f"{name} must be at least {low}, not {value}.")
+        return value
+
+    return parse
+
+
+def _regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise UsageError(f"--only {text!r} is not a valid regular expression: {exc}.") from None
+
+
+@magics_class
+class GradMagics(Magics):
+    """The `%%grad` cell magic and the `%grad` line magic."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.history = History()
+
+    @magic_arguments()
+    @argument("-o", "--output", metavar="NAME", help="Store the report as NAME in the namespace.")
+    @argument("-q", "--quiet", action="store_true", help="Record, but display nothing.")
+    @argument(
+        "--values",
+        metavar="N",
+        type=_count("--values", 0),
+        default=16,
+        help="Keep exact values of gradients with at most N elements (default 16); "
+        "larger ones are summarised.",
+    )
+    @argument("--copies", action="store_true", help="Keep full copies of every gradient.")
+    @argument("--only", metavar="REGEX", type=_regex, help="Show only leaves whose name matches.")
+    @argument("-G", "--no-graph", action="store_true", help="Do not record or draw the graph.")
+    @argument("--graph-only", action="store_true", help="Show the graph without the table.")
+    @argument(
+        "--max-nodes",
+        metavar="N",
+        type=_count("--max-nodes", 3),
+        default=60,
+        help="Collapse the graph by module above N visible nodes (default 60).",
+    )
+    @argument(
+        "--depth",
+        metavar="N",
+        type=_count("--depth", 0),
+        default=None,
+        help="Collapse modules deeper than N in the graph.",
+    )
+    @argument("args", nargs="*", help="For the line magic: `reset`, or `history NAME`.")
+    @line_cell_magic
+    def grad(self, line: str, cell: str | None = None) -> Any:
+        """Show what the cell's backward passes did to every leaf's `.grad`.
+
+        %%grad runs the cell as usual, records every call into the autograd
+        engine, and shows under the cell: findings, each leaf's gradient
+        before and after (accumulation across runs highlighted), and the
+        grad_fn graph. `%grad reset` forgets the run history; `%grad history
+        NAME` shows how NAME.grad changed run by run.
+        """
+        args = parse_argstring(self.grad, line)
+        if cell is None:
+            return self._line(args.args)
+        if args.args:
+            raise UsageError(
+                f"%%grad takes options only, not {' '.join(args.args)!r}; see %%grad? for them."
+            )
+        code = self.shell.transform_cell(cell)
+        filename = self.shell.compile.cache(code, self.shell.execution_count, raw_code=cell)
+        error: BaseException | None = None
+        with watch(
+            self.shell.user_ns,
+            source=code,
+            history=self.history,
+            values=args.values,
+            copies=args.copies,
+            only=args.only,
+            graph=not args.no_graph,
+            max_nodes=args.max_nodes,
+            depth=args.depth,
+        ) as recorder:
+            try:
+                self._execute(code, filename)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the report
+                error = exc
+        self._show(recorder, args)
+        if error is not None:
+            raise _pointing_at_user_code(self.shell, error, filename)
+        return None
+
+    def _show(self, recorder: Any, args: Any) -> None:
+        try:
+            report = recorder.report()
+        except Exception as exc:  # noqa: BLE001 - the user's cell already ran; say why, briefly
+            print(f"gradmagic could not build its report: {type(exc).__name__}: {exc}")
+            return
+        report.show_table = not args.graph_only
+        report.show_graph = not args.no_graph
+        if args.output:
+            self.shell.user_ns[args.output] = report
+        if not args.quiet:
+            display(report)
+
+    def _execute(self, code: str, filename: str) -> None:
+        """Run the cell's code like IPython does: the last expression is displayed."""
+        shell = self.shell
+        tree = shell.transform_ast(shell.compile.ast_parse(code, filename=filename))
+        nodes = tree.body
+        last_expr = bool(nodes) and isinstance(nodes[-1], ast.Expr)
+        body, tail = (nodes[:-1], nodes[-1:]) if last_expr else (nodes, [])
+        chunks = [(ast.Module(body, type_ignores=[]), "exec")] if body else []
+        if tail:
+            chunks.append((ast.Interactive(tail), "single"))
+        for tree_part, mode in chunks:
+            exec(shell.compile(tree_part, filename, mode), shell.user_global_ns, shell.user_ns)
+
+    def _line(self, words: list[str]) -> Any:
+        if words == ["reset"]:
+            self.history.reset()
+            print("gradmagic: forgot the gradient history of every tensor.")
+            return None
+        if len(words) == 2 and words[0] == "history":
+            return self._history(words[1])
+        raise UsageError(
+            "%grad takes `reset` or `history NAME`; to watch a cell, use %%grad on its first line."
+        )
+
+    def _history(self, name: str) -> Any:
+        import torch
+
+        from .report import HistoryView
+
+        try:
+            value = self.shell.ev(name)
+        except Exception as exc:  # noqa: BLE001 - the user's expression
+            raise UsageError(f"%grad history: cannot evaluate {name!r}: {exc}.") from None
+        if not isinstance(value, torch.Tensor):
+            raise UsageError(f"%grad history: {name!r} is a {type(value).__name__}, not a tensor.")
+        return HistoryView(name, self.history.entries(value))
+
+
+def _pointing_at_user_code(shell: Any, error: BaseException, filename: str | None) -> BaseException:
+    """Make IPython show the traceback from the user's line, once.
+
+    Re-raising marks the cell as failed (Run All stops, nbclient raises); the
+    traceback IPython would print includes the magic's own frames, so the
+    exception carries a rendering that starts at the cell's code.
+    """
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    if tb is not None and not isinstance(error, SyntaxError):
+        try:
+            stb = shell.InteractiveTB.structured_traceback(type(error), error, tb)
+            error._render_traceback_ = lambda: stb  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - fall back to IPython's own rendering
+            pass
+    return error
+
+
+def load(shell: Any) -> GradMagics:
+    magics = GradMagics(shell)
+    shell.register_magics(magics)
+    return magics
+
+
+def unload(shell: Any) -> None:
+    table = shell.magics_manager.magics
+    for kind in ("line", "cell"):
+        table[kind].pop("grad", None)
+    shell.magics_manager.registry.pop("GradMagics", None)

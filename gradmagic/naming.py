@@ -1,0 +1,214 @@
+"""Give tensors and modules the names the user knows them by.
+
+Order of preference, per DESIGN.md: a variable that is the tensor;
+`var.dotted.path` from every `nn.Module`'s `named_parameters()` (tied weights
+keep every name); optimizers' param groups; items of lists, tuples and dicts;
+locals of the frames that called backward. `fallback_name` covers the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+MAX_CONTAINER_ITEMS = 256
+
+
+def _public(name: str) -> bool:
+    # IPython keeps `_`, `__`, `_5`, `_i5`, `In`, `Out` in the namespace.
+    return not name.startswith("_") and name not in ("In", "Out")
+
+
+class Namer:
+    """Names for the tensors and modules reachable from a namespace.
+
+    Build it when the names are needed: it maps object ids, which are only
+    meaningful while the objects are alive.
+
+    >>> w = torch.zeros(2, requires_grad=True)
+    >>> Namer({"w": w}).name(w)
+    'w'
+    """
+
+    def __init__(self, namespace: Mapping[str, Any] | None = None) -> None:
+        self._tensors: dict[int, list[str]] = {}
+        self._modules: dict[int, str] = {}
+        self._rank: dict[int, int] = {}
+        self._order: dict[int, int] = {}
+        if namespace:
+            self._scan(namespace)
+
+    # -- building ------------------------------------------------------------
+    def _add(self, obj: Any, name: str, rank: int) -> None:
+        names = self._tensors.setdefault(id(obj), [])
+        self._order.setdefault(id(obj), len(self._order))
+        if name in names:
+            return
+        if rank < self._rank.get(id(obj), 99):
+            self._rank[id(obj)] = rank
+            names.insert(0, name)
+        else:
+            names.append(name)
+
+    def _add_module(self, module: nn.Module, prefix: str) -> None:
+        for name, sub in module.named_modules(prefix=prefix, remove_duplicate=False):
+            self._modules.setdefault(id(sub), name)
+        for name, param in module.named_parameters(prefix=prefix, remove_duplicate=False):
+            self._add(param, name, 1)
+
+    def _scan(self, namespace: Mapping[str, Any]) -> None:
+        items = [(k, v) for k, v in list(namespace.items()) if isinstance(k, str) and _public(k)]
+        # A variable outranks a module path: `w = model.fc.weight` is first `w`.
+        for key, value in items:
+            if isinstance(value, torch.Tensor):
+                self._add(value, key, 0)
+        for key, value in items:
+            if isinstance(value, nn.Module):
+                self._add_module(value, key)
+        for key, value in items:
+            if isinstance(value, torch.optim.Optimizer):
+                for gi, group in enumerate(value.param_groups):
+                    for pi, param in enumerate(group.get("params", ())):
+                        self._add(param, f"{key}.param_groups[{gi}]['params'][{pi}]", 2)
+            elif isinstance(value, (list, tuple, dict)):
+                self._scan_container(key, value)
+
+    def _scan_container(self, key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            pairs: Iterable[tuple[Any, Any]] = list(value.items())[:MAX_CONTAINER_ITEMS]
+            entries = [(f"{key}[{k!r}]", v) for k, v in pairs if isinstance(k, (str, int))]
+        else:
+            entries = [(f"{key}[{i}]", v) for i, v in enumerate(value[:MAX_CONTAINER_ITEMS])]
+        for name, item in entries:
+            if isinstance(item, torch.Tensor):
+                self._add(item, name, 3)
+            elif isinstance(item, nn.Module):
+                self._add_module(item, name)
+
+    # -- looking up ----------------------------------------------------------
+    def names(self, obj: Any) -> list[str]:
+        """Every name of a tensor, best first (tied weights have several)."""
+        return list(self._tensors.get(id(obj), ()))
+
+    def name(self, obj: Any) -> str | None:
+        names = self._tensors.get(id(obj))
+        return names[0] if names else None
+
+    def order(self, obj: Any) -> int | None:
+        """Where the tensor first appears in the namespace: rows follow it."""
+        return self._order.get(id(obj))
+
+    def module_name(self, module: nn.Module) -> str | None:
+        return self._modules.get(id(module))
+
+    def modules(self) -> dict[int, str]:
+        return dict(self._modules)
+
+
+def names_in_frames(frames: Iterable[Any], wanted: Mapping[int, Any]) -> dict[int, str]:
+    """Local variable names, in the innermost frame first, for tensors in `wanted`.
+
+    Module-level frames are skipped: their locals are the namespace, which the
+    `Namer` already covers and which can be large.
+    """
+    found: dict[int, str] = {}
+    for frame in frames:
+        if frame.f_locals is frame.f_globals:
+            continue
+        for key, value in frame.f_locals.items():
+            known = isinstance(value, torch.Tensor) and wanted.get(id(value)) is value
+            if known and id(value) not in found:
+                found[id(value)] = key
+    return found
+
+
+def fallback_name(position: int, consumer: str | None) -> str:
+    """The name of a leaf nobody named: where it sits in the graph."""
+    if consumer:
+        return f"leaf #{position} of {consumer}"
+    return f"leaf #{position}"
+
+
+def unique(names: Iterable[str]) -> list[str]:
+    """Make names unique for a table index: `w`, `w (2)`, `w (3)`."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        count = seen.get(name, 0) + 1
+        seen[name] = count
+        out.append(name if count == 1 else f"{name} ({count})")
+    return out
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import os
+    import sysconfig
+
+    dirs = {os.path.dirname(torch.__file__), os.path.dirname(__file__)}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.add(path)
+    return tuple(sorted(dirs))
+
+
+class CreatedLeafNames:
+    """Names of leaves created inside the user's functions, taken as they return.
+
+    A weight made inside a helper (`def model(x): w = torch.tensor(2., requires_grad=True)`)
+    has no name left by the time backward runs: the helper's frame is gone. A
+    profile hook sees the user's frames return (library frames are skipped
+    after one lookup per code object) and remembers local names of leaves
+    that require grad. Chains to any profiler already installed.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.names: Any = WeakIdKeyDictionary()
+        self._user_code: dict[Any, bool] = {}
+        self._libraries = _library_dirs()
+        self._previous: Any = None
+
+    def _is_user(self, code: Any) -> bool:
+        user = self._user_code.get(code)
+        if user is None:
+            filename = code.co_filename
+            user = not filename.startswith(self._libraries) and not filename.startswith("<frozen")
+            self._user_code[code] = user
+        return user
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if self._previous is not None:
+            self._previous(frame, event, arg)
+        if event != "return" or not self._is_user(frame.f_code):
+            return
+        if frame.f_locals is frame.f_globals:
+            return
+        for key, value in frame.f_locals.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.requires_grad
+                and value.grad_fn is None
+                and value not in self.names
+            ):
+                self.names[value] = key
+
+    def get(self, tensor: torch.Tensor) -> str | None:
+        return self.names.get(tensor)
+
+    def __enter__(self) -> CreatedLeafNames:
+        import sys
+
+        self._previous = sys.getprofile()
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import sys
+
+        sys.setprofile(self._previous)
+        self._previous = None

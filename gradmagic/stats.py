@@ -1,0 +1,204 @@
+"""Gradient values and summaries, computed with few host synchronisations.
+
+Small tensors (at most `values` elements) are kept exactly as detached clones.
+Large ones get a `TensorSummary`: one line in the spirit of lovely-tensors.
+The norms of a whole batch of gradients come from one `torch._foreach_norm`
+call; the other statistics are stacked on the device and read back with a
+single `.tolist()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_VALUES = 16
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """Statistics of one large tensor. `str()` gives the one-line summary."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    norm: float
+    mean: float | None = None
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    nan: int | None = None
+    inf: int | None = None
+    zero_fraction: float | None = None
+    note: str = ""
+
+    @property
+    def nonfinite(self) -> bool:
+        if self.nan is not None or self.inf is not None:
+            return bool(self.nan or self.inf)
+        return not math.isfinite(self.norm)
+
+    @property
+    def is_zero(self) -> bool:
+        return self.norm == 0.0
+
+    def __str__(self) -> str:
+        parts = [f"n={self.numel:,}", f"‖g‖={_num(self.norm)}"]
+        if self.mean is not None:
+            parts.append(f"x∈[{_num(self.min)}, {_num(self.max)}]")
+            parts.append(f"μ={_num(self.mean)}")
+            parts.append(f"σ={_num(self.std)}")
+        if self.zero_fraction:
+            parts.append(f"{self.zero_fraction:.0%} zeros")
+        if self.nan:
+            parts.append(f"NaN! {self.nan:,}")
+        if self.inf:
+            parts.append(f"Inf! {self.inf:,}")
+        if self.nan is None and not math.isfinite(self.norm):
+            parts.append("NaN/Inf!")
+        if self.note:
+            parts.append(self.note)
+        return " ".join(parts)
+
+
+def _num(x: float | None) -> str:
+    if x is None:
+        return "?"
+    if x == 0:
+        return "0"
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.4g}"
+    return f"{x:.2e}"
+
+
+def _statistics_view(t: torch.Tensor) -> torch.Tensor | None:
+    """A dense, real, float view that statistics kernels accept (None for meta)."""
+    if t.device.type == "meta":
+        return None
+    if t.is_sparse:
+        t = t.coalesce().values()
+    elif t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_complex():
+        t = t.abs()
+    if t.dtype in (torch.float16, torch.bfloat16) or not t.is_floating_point():
+        t = t.float()
+    return t.detach().reshape(-1)
+
+
+def exact_copy(t: torch.Tensor) -> torch.Tensor:
+    """A detached clone: under `create_graph` a plain clone would carry a graph."""
+    with torch.no_grad():
+        return t.detach().clone()
+
+
+def norms(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """Euclidean norms of many tensors with one host synchronisation per device."""
+    if not tensors:
+        return []
+    views: list[torch.Tensor | None] = []
+    for t in tensors:
+        views.append(_statistics_view(t) if (t.is_sparse or t.is_complex()) else t.detach())
+    out: list[float] = [math.nan] * len(tensors)
+    by_device: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, v in enumerate(views):
+        if v is None or v.device.type == "meta":
+            continue
+        if v.dtype in (torch.float16, torch.bfloat16) or not v.is_floating_point():
+            views[i] = v = v.float()
+        by_device.setdefault((v.device, v.dtype), []).append(i)
+    with torch.no_grad():
+        for idx in by_device.values():
+            group = [views[i] for i in idx]
+            values = torch.stack(torch._foreach_norm(group)).tolist()  # type: ignore[arg-type]
+            for i, value in zip(idx, values):
+                out[i] = float(value)
+    return out
+
+
+def summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
+    """Full statistics for many tensors: one `.tolist()` per device."""
+    rows: list[TensorSummary | None] = [None] * len(tensors)
+    stacks: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    with torch.no_grad():
+        for i, t in enumerate(tensors):
+            v = _statistics_view(t)
+            shape, dtype = tuple(t.shape), dtype_name(t.dtype)
+            if v is None:
+                rows[i] = TensorSummary(shape, dtype, t.numel(), math.nan, note="meta: no values")
+                continue
+            if v.numel() == 0:
+                rows[i] = TensorSummary(shape, dtype, 0, 0.0, note="empty")
+                continue
+            finite = torch.isfinite(v)
+            nan = torch.isnan(v).sum()
+            inf = (~finite).sum() - nan
+            clean = torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device))
+            stats = torch.stack(
+                [
+                    torch.linalg.vector_norm(v),
+                    clean.mean(),
+                    clean.std() if v.numel() > 1 else torch.zeros((), device=v.device),
+                    torch.where(finite, v, v.new_tensor(math.inf)).min(),
+                    torch.where(finite, v, v.new_tensor(-math.inf)).max(),
+                    nan.to(v.dtype),
+                    inf.to(v.dtype),
+                    (v == 0).sum().to(v.dtype) / v.numel(),
+                ]
+            ).double()
+            stacks.setdefault(v.device, []).append((i, stats))
+        for items in stacks.values():
+            table = torch.stack([s for _, s in items]).tolist()
+            for (i, _), (nrm, mean, std, lo, hi, nan, inf, zeros) in zip(items, table):
+                t = tensors[i]
+                rows[i] = TensorSummary(
+                    tuple(t.shape),
+                    dtype_name(t.dtype),
+                    t.numel(),
+                    nrm,
+                    mean,
+                    std,
+                    lo,
+                    hi,
+                    int(nan),
+                    int(inf),
+                    zeros,
+                    note="sparse" if t.is_sparse else "",
+                )
+    return rows  # type: ignore[return-value]
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    v = _statistics_view(t)
+    if v is None or v.numel() == 0:
+        return False
+    return not bool(torch.isfinite(v).all())
+
+
+def is_all_zero(t: torch.Tensor) -> bool:
+    v = _statistics_view(t)
+    if v is None:
+        return False
+    return not bool(v.any())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float32` -> `float32`."""
+    return str(dtype).replace("torch.", "")
+
+
+def format_value(value: object) -> str:
+    """One cell of the table as text: a tensor as PyTorch prints it, else str()."""
+    if value is None:
+        return "None"
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return f"meta tensor {tuple(value.shape)}"
+        text = repr(value.cpu() if value.device.type != "cpu" else value)
+        return " ".join(text.split())
+    return str(value)
