@@ -166,9 +166,13 @@ class Recorder:
         self._by_leaf: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._thread = threading.get_ident()
         self._depth = 0
-        self._modules_called: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._report = None
         self.created_names = CreatedLeafNames()
+        self.module_calls = ModuleCalls()
+        # Probes watch the block alongside the engine wrapper; each is a context
+        # manager that must undo everything it installed in __exit__.
+        self.probes: list[Any] = [self.created_names, self.module_calls]
+        self.probes += [make(self) for make in EXTRA_PROBES]
         self._pending: list[torch.Tensor] = []
         self.findings: list[Any] = []
 
@@ -340,10 +344,6 @@ class Recorder:
             )
 
     # -- closing ----------------------------------------------------------------
-    def _note_module_call(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.is_grad_enabled():
-            self._modules_called[module] = True
-
     def close(self) -> None:
         """Finish the records: names, full summaries, statuses, history."""
         if self.closed:
@@ -464,7 +464,7 @@ class Recorder:
                 continue
             params = [p for p in value.parameters() if p.requires_grad]
             got_some = any(id(p) in reached for p in params)
-            ran_here = name in named and value in self._modules_called
+            ran_here = name in named and value in self.module_calls
             if got_some or ran_here:
                 candidates.extend(params)
         for leaf in candidates:
@@ -501,6 +501,33 @@ def _names_in_source(source: str | None) -> set[str]:
         return set(re.findall(r"[A-Za-z_]\w*", source))
     return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
 
+
+class ModuleCalls:
+    """Which modules ran a forward with grad enabled inside the block (weakly held)."""
+
+    def __init__(self) -> None:
+        self._called: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._handle: Any = None
+
+    def _note(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.is_grad_enabled():
+            self._called[module] = True
+
+    def __contains__(self, module: object) -> bool:
+        return module in self._called
+
+    def __enter__(self) -> ModuleCalls:
+        self._handle = nn.modules.module.register_module_forward_hook(self._note)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+# Factories `recorder -> probe` that other modules add (optimizer steps, warnings).
+EXTRA_PROBES: list[Any] = []
 
 _active: list[Recorder] = []
 
@@ -546,17 +573,20 @@ def watch(
     caller = sys._getframe(2) if namespace is None else None
     options = Options(values, copies, only, graph, max_nodes, depth)
     recorder = Recorder(namespace, source, history, options)
-    hook = nn.modules.module.register_module_forward_hook(recorder._note_module_call)
-    _engine.install(_dispatch)
-    _active.append(recorder)
-    recorder.created_names.__enter__()
+    entered: list[Any] = []
     try:
+        _engine.install(_dispatch)
+        _active.append(recorder)
+        for probe in recorder.probes:
+            probe.__enter__()
+            entered.append(probe)
         yield recorder
     finally:
-        recorder.created_names.__exit__()
-        _active.remove(recorder)
+        for probe in reversed(entered):
+            recorder._guard(probe.__exit__, None, None, None)
+        if recorder in _active:
+            _active.remove(recorder)
         _engine.uninstall()
-        hook.remove()
         if caller is not None:
             # Read the caller's variables now: the block may have created them.
             recorder.namespace = {**caller.f_globals, **caller.f_locals}
