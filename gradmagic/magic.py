@@ -31,7 +31,15 @@ def _count(name: str, low: int) -> Any:
     return parse
 
 
+def _unquote(text: str) -> str:
+    # IPython's argument splitter keeps the quotes around a quoted option value.
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
 def _regex(text: str) -> re.Pattern[str]:
+    text = _unquote(text)
     try:
         return re.compile(text)
     except re.error as exc:
@@ -93,7 +101,9 @@ class GradMagics(Magics):
             raise UsageError(
                 f"%%grad takes options only, not {' '.join(args.args)!r}; see %%grad? for them."
             )
-        code = self.shell.transform_cell(cell)
+        # The magic's line, as a comment, keeps line numbers in tracebacks equal
+        # to the lines the user sees in the cell.
+        code = f"# %%grad {line}\n" + self.shell.transform_cell(cell)
         filename = self.shell.compile.cache(code, self.shell.execution_count, raw_code=cell)
         error: BaseException | None = None
         with watch(
@@ -179,7 +189,7 @@ def _pointing_at_user_code(shell: Any, error: BaseException, filename: str | Non
         tb = tb.tb_next
     if tb is not None and not isinstance(error, SyntaxError):
         try:
-            stb = shell.InteractiveTB.structured_traceback(type(error), error, tb)
+            stb = shell.InteractiveTB.structured_traceback(type(error), error, tb, tb_offset=0)
             error._render_traceback_ = lambda: stb  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - fall back to IPython's own rendering
             pass

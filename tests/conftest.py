@@ -36,6 +36,7 @@ class Shell:
 @pytest.fixture(scope="session")
 def _shell() -> InteractiveShell:
     shell = InteractiveShell.instance()
+    shell.run_cell("%colors NoColor")
     shell.run_cell("%load_ext gradmagic")
     return shell
 
