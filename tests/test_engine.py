@@ -1,0 +1,129 @@
+"""The torch facts gradmagic rests on. If a torch upgrade moves them, these fail first."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+
+import pytest
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+import gradmagic
+from gradmagic import _engine
+
+
+def test_engine_entry_is_bound_under_both_names():
+    assert torch.autograd._engine_run_backward is torch.autograd.graph._engine_run_backward
+    params = list(inspect.signature(torch.autograd.graph._engine_run_backward).parameters)
+    assert params[0] == "t_outputs"
+    assert "grad_tensors" in torch.autograd.backward.__code__.co_varnames
+    assert "grad_outputs" in torch.autograd.grad.__code__.co_varnames
+
+
+def test_backward_and_grad_both_pass_through_the_wrapper():
+    calls = []
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gradmagic.watch({}) as rec:
+        original_handle = rec.handle
+
+        def spy(original, args, kwargs, frame):
+            calls.append(_engine.parse_call(args, kwargs).kind)
+            return original_handle(original, args, kwargs, frame)
+
+        rec.handle = spy
+        (x * 2).sum().backward()
+        torch.autograd.backward([(x * 3).sum()])
+        torch.autograd.grad((x * 4).sum(), x)
+    assert calls == ["backward", "backward", "grad"]
+    assert torch.equal(x.grad, torch.tensor([5.0, 5.0]))
+
+
+def test_accumulate_grad_exposes_its_leaf_and_metadata():
+    x = torch.ones(3, requires_grad=True)
+    y = (x * 2).sum()
+    node = y.grad_fn.next_functions[0][0].next_functions[0][0]
+    assert type(node).__name__ == "AccumulateGrad"
+    assert node.variable is x
+    assert tuple(y.grad_fn.next_functions[0][0]._input_metadata[0].shape) == (3,)
+    assert [leaf for leaf, _ in _engine.iter_leaves([y])] == [x]
+
+
+def test_saved_tensors_are_freed_by_a_backward_without_retain_graph():
+    x = torch.ones(2, requires_grad=True)
+    y = x * x
+    node = y.grad_fn
+    assert torch.equal(node._saved_self, x)
+    y.sum().backward()
+    with pytest.raises(RuntimeError):
+        _ = node._saved_self
+
+
+def test_accumulation_is_in_place_and_bumps_the_version():
+    x = torch.ones(2, requires_grad=True)
+    (x * 2).sum().backward()
+    grad, version = x.grad, x.grad._version
+    (x * 2).sum().backward()
+    assert x.grad is grad and x.grad._version > version
+    opt = torch.optim.SGD([x], lr=0.1)
+    opt.zero_grad()
+    assert x.grad is None
+    (x * 2).sum().backward()
+    grad, version = x.grad, x.grad._version
+    opt.zero_grad(set_to_none=False)
+    assert x.grad is grad and x.grad._version > version and not x.grad.any()
+
+
+def test_tensors_support_weak_id_dictionaries():
+    d = WeakIdKeyDictionary()
+    t = torch.ones(2)
+    d[t] = 1
+    ref = weakref.ref(t)
+    del t
+    assert ref() is None and len(d) == 0
+
+
+def test_nested_backward_inside_a_hook_is_left_alone():
+    x = torch.ones(2, requires_grad=True)
+    inner = torch.ones(2, requires_grad=True)
+
+    def hook(grad):
+        with torch.enable_grad():
+            (inner * 7).sum().backward()  # a re-entrant call: not recorded
+
+    y = x * 2
+    y.register_hook(hook)
+    with gradmagic.watch({"x": x, "inner": inner}) as rec:
+        y.sum().backward()
+    assert [r.kind for r in rec.records] == ["backward"]
+    assert torch.equal(inner.grad, torch.tensor([7.0, 7.0]))
+
+
+def test_backward_in_another_thread_is_left_alone():
+    x = torch.ones(2, requires_grad=True)
+    other = torch.ones(2, requires_grad=True)
+    errors = []
+
+    def work():
+        try:
+            (other * 3).sum().backward()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    with gradmagic.watch({"x": x}) as rec:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+        (x * 2).sum().backward()
+    assert not errors
+    assert torch.equal(other.grad, torch.tensor([3.0, 3.0]))
+    assert len(rec.records) == 1
+
+
+def test_functorch_transforms_are_left_alone():
+    x = torch.tensor([1.0, 2.0])
+    with gradmagic.watch({}) as rec:
+        g = torch.func.grad(lambda t: (t**2).sum())(x)
+    assert torch.equal(g, torch.tensor([2.0, 4.0]))
+    assert rec.records == []
