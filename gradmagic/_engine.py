@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +42,6 @@ class EngineCall:
     # The `gradient=` / `grad_outputs=` argument exactly as the user passed it
     # (None when PyTorch made the implicit ones for a scalar).
     user_gradient: Any = None
-    user_frames: list[Any] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -81,17 +80,11 @@ def _user_gradient_from(frame: Any) -> Any:
 
 
 def caller_context(call: EngineCall, frame: Any) -> None:
-    """Fill `user_gradient` and the user's frames (outside torch) from `frame` up."""
+    """Fill `user_gradient` from the torch frames between the user and the engine."""
     while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
         if call.user_gradient is None:
             call.user_gradient = _user_gradient_from(frame)
         frame = frame.f_back
-    frames = []
-    while frame is not None and len(frames) < 32:
-        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
-            frames.append(frame)
-        frame = frame.f_back
-    call.user_frames = frames
 
 
 def should_skip(call: EngineCall) -> bool:

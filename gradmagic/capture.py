@@ -32,7 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _engine, stats
 from .history import History, RunEntry, default_history
-from .naming import CreatedLeafNames, Namer, fallback_name, names_in_frames, unique
+from .naming import CreatedLeafNames, Namer, fallback_name, unique
 
 STATUSES = ("nan/inf", "accumulated", "new", "none", "unchanged")
 
@@ -48,6 +48,11 @@ class Options:
     max_nodes: int = 60
     depth: int | None = None
     flow_budget: int = 150
+    # Findings' thresholds on gradient norms, and the gradient-flow chart (None: automatic).
+    vanish: float = 1e-8
+    explode: float = 1e4
+    ratio: float = 1e4
+    plot: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.values, bool) or not isinstance(self.values, int) or self.values < 0:
@@ -96,7 +101,6 @@ class LeafRecord:
     dtype: str
     device: str
     numel: int
-    local_name: str | None = None
     consumer: str | None = None
     before: Any = None
     before_stale: bool = False
@@ -161,6 +165,8 @@ class Recorder:
         self.leaves: list[LeafRecord] = []
         self.internal_errors: list[str] = []
         self.nonleaf_grad_reads: list[str] = []
+        self.optimizer_steps: list[Any] = []
+        self.grad_mode = "enabled"  # or "no_grad", "inference_mode" when the block began
         self.run_number = 0
         self.closed = False
         self._by_leaf: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -171,6 +177,8 @@ class Recorder:
         self.module_calls = ModuleCalls()
         # Probes watch the block alongside the engine wrapper; each is a context
         # manager that must undo everything it installed in __exit__.
+        from . import probes  # noqa: F401 - registers its probes in EXTRA_PROBES
+
         self.probes: list[Any] = [self.created_names, self.module_calls]
         self.probes += [make(self) for make in EXTRA_PROBES]
         self._pending: list[torch.Tensor] = []
@@ -223,20 +231,21 @@ class Recorder:
             leaves = [leaf for leaf, _ in found]
         fresh = [leaf for leaf in leaves if leaf not in self._by_leaf]
         roots = [t for t in call.outputs if isinstance(t, torch.Tensor)]
-        local = names_in_frames(call.user_frames, {id(t): t for t in (*fresh, *roots)})
         for leaf in fresh:
-            self._register(leaf, local.get(id(leaf))).consumer = consumers.get(id(leaf))
+            self._register(leaf).consumer = consumers.get(id(leaf))
+        for root in roots:
+            self.created_names.want(root)
         records = [self._by_leaf[leaf] for leaf in leaves]
         if call.accumulate_grad:
             for leaf, rec in zip(leaves, records):
                 self._note_accumulation(leaf, rec)
         record = BackwardRecord(
             kind=call.kind,
-            roots=[local.get(id(t), "") for t in roots],
+            roots=["" for _ in roots],
             gradient=self._gradient_argument(call.user_gradient),
             retain_graph=call.retain_graph,
             create_graph=call.create_graph,
-            inputs=[rec.local_name or "" for rec in records] if call.inputs else None,
+            inputs=["" for _ in records] if call.inputs else None,
             leaf_keys=[rec.key for rec in records],
             _root_refs=[weakref.ref(t) for t in roots],
             _input_refs=[weakref.ref(t) for t in call.inputs if isinstance(t, torch.Tensor)],
@@ -265,10 +274,10 @@ class Recorder:
     def _leaf_key(self, leaf: torch.Tensor) -> int:
         rec = self._by_leaf.get(leaf)
         if rec is None:
-            rec = self._register(leaf, None)
+            rec = self._register(leaf)
         return rec.key
 
-    def _register(self, leaf: torch.Tensor, local_name: str | None) -> LeafRecord:
+    def _register(self, leaf: torch.Tensor) -> LeafRecord:
         rec = LeafRecord(
             key=len(self.leaves),
             ref=weakref.ref(leaf),
@@ -276,7 +285,6 @@ class Recorder:
             dtype=stats.dtype_name(leaf.dtype),
             device=str(leaf.device),
             numel=leaf.numel(),
-            local_name=local_name,
             is_parameter=isinstance(leaf, nn.Parameter),
         )
         grad = leaf.grad
@@ -350,6 +358,9 @@ class Recorder:
             return
         self.closed = True
         self._guard(self._finish)
+        for probe in self.probes:
+            if hasattr(probe, "finish"):
+                self._guard(probe.finish, self)
         from .diagnostics import findings_for
 
         self.findings = self._guard(findings_for, self) or []
@@ -366,8 +377,8 @@ class Recorder:
         for record in self.records:
             for i, ref in enumerate(record._root_refs):
                 t = ref()
-                if t is not None and not record.roots[i]:
-                    record.roots[i] = namer.name(t) or ""
+                if t is not None:
+                    record.roots[i] = namer.name(t) or self.created_names.get(t) or ""
             if record.inputs is not None:
                 record.inputs = [self.leaves[k].name for k in record.leaf_keys]
             record._root_refs = []
@@ -438,7 +449,7 @@ class Recorder:
         for rec in self.leaves:
             leaf = rec.ref()
             names = namer.names(leaf) if leaf is not None else []
-            local = rec.local_name or (self.created_names.get(leaf) if leaf is not None else None)
+            local = self.created_names.get(leaf) if leaf is not None else None
             if local and local not in names:
                 names.append(local)
             rec.names = names
@@ -470,7 +481,7 @@ class Recorder:
         for leaf in candidates:
             if id(leaf) in reached:
                 continue
-            rec = self._by_leaf.get(leaf) or self._register(leaf, None)
+            rec = self._by_leaf.get(leaf) or self._register(leaf)
             rec.expected = True
 
     def report(self) -> Any:
@@ -556,13 +567,19 @@ def watch(
     graph: bool = True,
     max_nodes: int = 60,
     depth: int | None = None,
+    vanish: float = 1e-8,
+    explode: float = 1e4,
+    ratio: float = 1e4,
+    plot: bool | None = None,
 ) -> Iterator[Recorder]:
     """Record every backward made inside the block.
 
     `namespace` names the leaves (defaults to the caller's globals and locals);
     `source` is the code of the block, used to tell which leaves were expected
     to get a gradient. The engine is restored when the block exits, also when
-    it raises.
+    it raises. `vanish`, `explode` and `ratio` are the gradient-norm thresholds
+    of the findings; `plot` turns the gradient-flow chart on or off (None: on
+    from 8 leaves).
 
     >>> x = torch.tensor([1., 2.], requires_grad=True)
     >>> with watch() as rec:
@@ -571,7 +588,18 @@ def watch(
     tensor([100., 100.])
     """
     caller = sys._getframe(2) if namespace is None else None
-    options = Options(values, copies, only, graph, max_nodes, depth)
+    options = Options(
+        values,
+        copies,
+        only,
+        graph,
+        max_nodes,
+        depth,
+        vanish=vanish,
+        explode=explode,
+        ratio=ratio,
+        plot=plot,
+    )
     recorder = Recorder(namespace, source, history, options)
     entered: list[Any] = []
     try:

@@ -31,6 +31,19 @@ def _count(name: str, low: int) -> Any:
     return parse
 
 
+def _positive(name: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"{name} takes a number such as 1e-8, not {text!r}.") from None
+        if not value > 0:
+            raise UsageError(f"{name} must be above 0, not {text}.")
+        return value
+
+    return parse
+
+
 def _unquote(text: str) -> str:
     # IPython's argument splitter keeps the quotes around a quoted option value.
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
@@ -83,6 +96,36 @@ class GradMagics(Magics):
         default=None,
         help="Collapse modules deeper than N in the graph.",
     )
+    @argument(
+        "--plot",
+        dest="plot",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Draw the gradient-flow chart (on by default from 8 leaves).",
+    )
+    @argument("--no-plot", dest="plot", action="store_const", const=False, help="Do not draw it.")
+    @argument(
+        "--vanish",
+        metavar="X",
+        type=_positive("--vanish"),
+        default=1e-8,
+        help="Call a gradient norm below X vanishing (default 1e-8).",
+    )
+    @argument(
+        "--explode",
+        metavar="X",
+        type=_positive("--explode"),
+        default=1e4,
+        help="Call a gradient norm above X exploding (default 1e4).",
+    )
+    @argument(
+        "--ratio",
+        metavar="X",
+        type=_positive("--ratio"),
+        default=1e4,
+        help="Flag a model whose layers' gradient norms differ by more than X (default 1e4).",
+    )
     @argument("args", nargs="*", help="For the line magic: `reset`, or `history NAME`.")
     @line_cell_magic
     def grad(self, line: str, cell: str | None = None) -> Any:
@@ -94,7 +137,10 @@ class GradMagics(Magics):
         grad_fn graph. `%grad reset` forgets the run history; `%grad history
         NAME` shows how NAME.grad changed run by run.
         """
-        args = parse_argstring(self.grad, line)
+        try:
+            args = parse_argstring(self.grad, line)
+        except ValueError as exc:  # IPython's splitter: "No closing quotation"
+            raise UsageError(f"%%grad could not read its options {line!r}: {exc}.") from None
         if cell is None:
             return self._line(args.args)
         if args.args:
@@ -116,6 +162,10 @@ class GradMagics(Magics):
             graph=not args.no_graph,
             max_nodes=args.max_nodes,
             depth=args.depth,
+            vanish=args.vanish,
+            explode=args.explode,
+            ratio=args.ratio,
+            plot=args.plot,
         ) as recorder:
             try:
                 self._execute(code, filename)

@@ -8,6 +8,7 @@ locals of the frames that called backward. `fallback_name` covers the rest.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -108,23 +109,6 @@ class Namer:
         return dict(self._modules)
 
 
-def names_in_frames(frames: Iterable[Any], wanted: Mapping[int, Any]) -> dict[int, str]:
-    """Local variable names, in the innermost frame first, for tensors in `wanted`.
-
-    Module-level frames are skipped: their locals are the namespace, which the
-    `Namer` already covers and which can be large.
-    """
-    found: dict[int, str] = {}
-    for frame in frames:
-        if frame.f_locals is frame.f_globals:
-            continue
-        for key, value in frame.f_locals.items():
-            known = isinstance(value, torch.Tensor) and wanted.get(id(value)) is value
-            if known and id(value) not in found:
-                found[id(value)] = key
-    return found
-
-
 def fallback_name(position: int, consumer: str | None) -> str:
     """The name of a leaf nobody named: where it sits in the graph."""
     if consumer:
@@ -155,23 +139,28 @@ def _library_dirs() -> tuple[str, ...]:
     return tuple(sorted(dirs))
 
 
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
 class CreatedLeafNames:
-    """Names of leaves created inside the user's functions, taken as they return.
+    """Names of tensors created inside the user's functions, taken as they return.
 
     A weight made inside a helper (`def model(x): w = torch.tensor(2., requires_grad=True)`)
     has no name left by the time backward runs: the helper's frame is gone. A
     profile hook sees the user's frames return (library frames are skipped
     after one lookup per code object) and remembers local names of leaves
-    that require grad. Chains to any profiler already installed.
+    that require grad. When another profiler is installed (cProfile, `%prun`),
+    it stays alone and this naming is skipped.
     """
 
     def __init__(self) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
         self.names: Any = WeakIdKeyDictionary()
+        self._wanted: Any = WeakIdKeyDictionary()
         self._user_code: dict[Any, bool] = {}
         self._libraries = _library_dirs()
-        self._previous: Any = None
+        self._installed = False
 
     def _is_user(self, code: Any) -> bool:
         user = self._user_code.get(code)
@@ -182,20 +171,25 @@ class CreatedLeafNames:
         return user
 
     def _profile(self, frame: Any, event: str, arg: Any) -> None:
-        if self._previous is not None:
-            self._previous(frame, event, arg)
         if event != "return" or not self._is_user(frame.f_code):
             return
-        if frame.f_locals is frame.f_globals:
+        # Module-level frames: their locals are the namespace the Namer reads.
+        # Generator frames live on after a yield, and would keep the locals
+        # snapshot that reading `f_locals` leaves on them in CPython 3.11.
+        if frame.f_code.co_flags & _SUSPENDABLE:
             return
-        for key, value in frame.f_locals.items():
-            if (
-                isinstance(value, torch.Tensor)
-                and value.requires_grad
-                and value.grad_fn is None
-                and value not in self.names
-            ):
+        local_vars = frame.f_locals
+        if local_vars is frame.f_globals:
+            return
+        for key, value in local_vars.items():
+            if not isinstance(value, torch.Tensor) or value in self.names:
+                continue
+            if (value.requires_grad and value.grad_fn is None) or value in self._wanted:
                 self.names[value] = key
+
+    def want(self, tensor: torch.Tensor) -> None:
+        """Also name this tensor (a backward's root, such as `loss`) if a frame holds it."""
+        self._wanted[tensor] = True
 
     def get(self, tensor: torch.Tensor) -> str | None:
         return self.names.get(tensor)
@@ -203,12 +197,14 @@ class CreatedLeafNames:
     def __enter__(self) -> CreatedLeafNames:
         import sys
 
-        self._previous = sys.getprofile()
-        sys.setprofile(self._profile)
+        if sys.getprofile() is None:
+            sys.setprofile(self._profile)
+            self._installed = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
         import sys
 
-        sys.setprofile(self._previous)
-        self._previous = None
+        if self._installed and sys.getprofile() == self._profile:
+            sys.setprofile(None)
+        self._installed = False

@@ -15,6 +15,11 @@ from typing import Any
 
 from . import stats
 from .diagnostics import Finding
+from .plot import gradient_flow
+
+# Rows drawn in HTML and text; `rep.table` always has them all. Problem rows come first.
+MAX_SHOWN_ROWS = 200
+PROBLEM_STATUSES = ("nan/inf", "none", "accumulated")
 
 COLUMNS = ("shape", "dtype", "device", "before", "after", "added", "status", "runs")
 
@@ -110,7 +115,8 @@ class GradReport:
 
     `table` is a pandas DataFrame indexed by leaf name; `backwards` the engine
     calls; `findings` what gradmagic noticed; `graph` the `graphviz.Digraph`
-    (a list when the block ran several distinct graphs).
+    (a list when the block ran several distinct graphs); `steps` what each
+    optimizer's `step()` did (`step_table`); `flow` the gradient-flow chart.
     """
 
     rows: list[LeafRow]
@@ -121,6 +127,8 @@ class GradReport:
     show_table: bool = True
     show_graph: bool = True
     errors: list[str] = field(default_factory=list)
+    steps: list[Any] = field(default_factory=list)  # probes.OptimizerSteps
+    flow: Any = None  # plot.GradientFlow, when the chart is on
 
     @classmethod
     def from_recorder(cls, recorder: Any) -> GradReport:
@@ -170,6 +178,8 @@ class GradReport:
             graphs=graphs,
             run=recorder.run_number,
             errors=list(recorder.internal_errors),
+            steps=list(recorder.optimizer_steps),
+            flow=gradient_flow(recorder),
         )
 
     # -- data -----------------------------------------------------------------
@@ -186,6 +196,43 @@ class GradReport:
         return frame
 
     @property
+    def step_table(self) -> Any:
+        """One row per parameter an optimizer stepped: values before and after, the change."""
+        import pandas as pd
+
+        data = [
+            [s.name, s.kind, p.steps, p.grad, p.before, p.after, p.change]
+            for s in self.steps
+            for p in s.params
+        ]
+        columns = ["optimizer", "kind", "steps", "grad", "before", "after", "change"]
+        frame = pd.DataFrame(
+            data, columns=columns, index=[p.name for s in self.steps for p in s.params]
+        )
+        frame.index.name = "name"
+        return frame
+
+    def _step_cells(self) -> list[tuple[str, list[str]]]:
+        """Per optimizer: its title, and the text of each parameter's row."""
+        return [
+            (
+                f"{s.title} · {s.steps} step{'s' if s.steps != 1 else ''}",
+                [
+                    [
+                        p.name,
+                        _shape(p.shape),
+                        stats.format_value(p.grad),
+                        stats.format_value(p.before),
+                        stats.format_value(p.after),
+                        _change_text(p.change),
+                    ]
+                    for p in s.params
+                ],
+            )
+            for s in self.steps
+        ]
+
+    @property
     def graph(self) -> Any:
         digraphs = [g.digraph for g in self.graphs]
         if not digraphs:
@@ -197,6 +244,22 @@ class GradReport:
             if row.name == name:
                 return row
         raise KeyError(f"No row named {name!r}; rows are: {', '.join(r.name for r in self.rows)}")
+
+    def shown_rows(self) -> tuple[list[LeafRow], int]:
+        """The rows to draw (problems first, then table order) and how many were left out."""
+        if len(self.rows) <= MAX_SHOWN_ROWS:
+            return self.rows, 0
+        problems = [r for r in self.rows if r.status in PROBLEM_STATUSES]
+        rest = [r for r in self.rows if r.status not in PROBLEM_STATUSES]
+        keep = {id(r) for r in (problems + rest)[:MAX_SHOWN_ROWS]}
+        shown = [r for r in self.rows if id(r) in keep]
+        return shown, len(self.rows) - len(shown)
+
+    def _left_out(self, hidden: int) -> str:
+        return (
+            f"{hidden:,} more rows not shown (problem rows are always shown); "
+            "`%%grad -o rep` and `rep.table` hold them all."
+        )
 
     # -- text -----------------------------------------------------------------
     def _headline(self) -> str:
@@ -210,6 +273,7 @@ class GradReport:
         for f in self.findings:
             lines.append(f"  {SEVERITY_STYLE[f.severity][2]} {f.message}")
         if self.rows and self.show_table:
+            shown, hidden = self.shown_rows()
             header = ["name", "shape", "dtype/device", "before", "after", "added", "status", "runs"]
             body = [
                 [
@@ -222,12 +286,23 @@ class GradReport:
                     r.status.upper() if r.status in ("accumulated", "nan/inf") else r.status,
                     str(r.runs),
                 ]
-                for r in self.rows
+                for r in shown
             ]
             widths = [min(48, max(len(row[i]) for row in [header, *body])) for i in range(8)]
             for row in [header, *body]:
                 cells = [_clip(c, w).ljust(w) for c, w in zip(row, widths)]
                 lines.append("  " + "  ".join(cells).rstrip())
+            if hidden:
+                lines.append("  " + self._left_out(hidden))
+        for title, body in self._step_cells():
+            lines.append(f"  optimizer step: {title}")
+            widths = [min(40, max(len(row[i]) for row in [STEP_HEADER, *body])) for i in range(6)]
+            for row in [STEP_HEADER, *body]:
+                lines.append(
+                    "    " + "  ".join(_clip(c, w).ljust(w) for c, w in zip(row, widths)).rstrip()
+                )
+        if self.flow is not None:
+            lines.append("  " + self.flow.summary())
         for g in self.graphs if self.show_graph else ():
             snap = g.snapshot
             lines.append(
@@ -251,6 +326,10 @@ class GradReport:
             parts.append(self._findings_html(uid))
         if self.rows and self.show_table:
             parts.append(self._table_html(uid))
+        if self.steps:
+            parts.append(self._steps_html())
+        if self.flow is not None:
+            parts.append(self._flow_html())
         if self.show_graph:
             parts.extend(self._graph_html(g) for g in self.graphs)
         for err in self.errors:
@@ -260,7 +339,7 @@ class GradReport:
 
     def _findings_html(self, uid: str) -> str:
         items = []
-        row_ids = {r.name: f"{uid}-row{i}" for i, r in enumerate(self.rows)}
+        row_ids = {r.name: f"{uid}-row{i}" for i, r in enumerate(self.shown_rows()[0])}
         for f in self.findings:
             bg, fg, icon = SEVERITY_STYLE[f.severity]
             links = " ".join(
@@ -295,7 +374,8 @@ class GradReport:
             )
         )
         body = []
-        for i, r in enumerate(self.rows):
+        shown, hidden = self.shown_rows()
+        for i, r in enumerate(shown):
             row_bg, badge_bg, badge_fg = STATUS_STYLE.get(r.status, ("", "#e5e7eb", "#111827"))
             style = f' style="background:{row_bg}"' if row_bg else ""
             added = _added_text(r)
@@ -316,10 +396,41 @@ class GradReport:
                 f'border-radius: 8px; padding: 1px 8px; font-weight:600">{esc(r.status)}</span></td>'
                 f'<td style="{cell} text-align:right">{r.runs}</td></tr>'
             )
+        more = f'<div style="color:#6b7280">{_code_spans(self._left_out(hidden))}</div>'
         return (
             '<table class="gradmagic-table" style="border-collapse: collapse; margin: 4px 0;">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            + (more if hidden else "")
         )
+
+    def _steps_html(self) -> str:
+        cell = "padding: 3px 8px; border-bottom: 1px solid #e5e7eb; vertical-align: top;"
+        mono = "font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px;"
+        head = "".join(
+            f'<th style="{cell} text-align:left; background:#f9fafb">{h}</th>' for h in STEP_HEADER
+        )
+        body = []
+        for title, rows in self._step_cells():
+            body.append(
+                f'<tr><td colspan="6" style="{cell} font-weight:600">optimizer step: <code>{esc(title)}</code></td></tr>'
+            )
+            for row in rows:
+                body.append(
+                    "<tr>"
+                    + "".join(f'<td style="{cell} {mono}">{esc(c)}</td>' for c in row)
+                    + "</tr>"
+                )
+        return (
+            '<table class="gradmagic-steps" style="border-collapse: collapse; margin: 8px 0 4px 0;">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        )
+
+    def _flow_html(self) -> str:
+        try:
+            svg = self.flow.svg()
+        except Exception as exc:  # noqa: BLE001 - the report must still show
+            return f'<div style="color:#b91c1c">The gradient-flow chart could not be drawn: {esc(exc)}</div>'
+        return f'<div class="gradmagic-flow" style="max-width: 100%; overflow-x: auto;">{svg}</div>'
 
     def _graph_html(self, g: GradGraph) -> str:
         try:
@@ -354,6 +465,16 @@ def _added_text(row: LeafRow) -> str:
     if row.status in ("unchanged", "none"):
         return "—"
     return stats.format_value(row.added)
+
+
+STEP_HEADER = ["name", "shape", "grad at step", "before", "after", "change"]
+
+
+def _change_text(change: Any) -> str:
+    """An optimizer step's change: the exact difference, or the norm of a large one."""
+    if isinstance(change, float):
+        return f"‖Δ‖={change:.4g}"
+    return "—" if change is None else stats.format_value(change)
 
 
 def _shape(shape: tuple[int, ...]) -> str:
