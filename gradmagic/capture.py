@@ -131,6 +131,13 @@ def _value_or_summary(t: torch.Tensor | None, options: Options) -> Any:
     return stats.summaries([t])[0]
 
 
+def _for_history(value: Any) -> Any:
+    """History keeps exact values of small tensors only: `--copies` must not pile up."""
+    if isinstance(value, torch.Tensor) and value.numel() > stats.DEFAULT_VALUES:
+        return stats.summaries([value])[0]
+    return value
+
+
 def _is_nonfinite(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return stats.has_nonfinite(value)
@@ -370,7 +377,7 @@ class Recorder:
     def _finish(self) -> None:
         namer = Namer(self.namespace)
         self._add_expected(namer)
-        self._complete_summaries()
+        self._complete_added()
         for rec in self.leaves:
             self._settle(rec)
         self._name_leaves(namer)
@@ -388,29 +395,47 @@ class Recorder:
         for rec in self.leaves:
             leaf = rec.ref()
             if leaf is not None and rec.status != "unchanged":
-                entry = RunEntry(run, rec.before, rec.after, rec.added, rec.status, rec.runs)
-                self.history.record(leaf, entry)
+                values = [_for_history(v) for v in (rec.before, rec.after, rec.added)]
+                self.history.record(leaf, RunEntry(run, *values, rec.status, rec.runs))
             rec.before_copy = None
 
-    def _complete_summaries(self) -> None:
-        todo = []
+    def _live_grads(self, wanted: Any) -> list[tuple[LeafRecord, torch.Tensor]]:
+        """(record, grad) for norm-only summaries whose gradient is still what backward left."""
+        out = []
         for rec in self.leaves:
-            if isinstance(rec.after, stats.TensorSummary) and rec.after.mean is None:
-                grad = rec.after_ref() if rec.after_ref else None
-                if grad is not None and grad._version == rec.after_version:
-                    todo.append((rec, grad))
-                else:
-                    rec.after = stats.TensorSummary(
-                        **{**rec.after.__dict__, "note": "changed after backward"}
-                    )
+            if not isinstance(rec.after, stats.TensorSummary) or rec.after.mean is not None:
+                continue
+            if not wanted(rec):
+                continue
+            grad = rec.after_ref() if rec.after_ref else None
+            if grad is not None and grad._version == rec.after_version:
+                out.append((rec, grad))
+        return out
+
+    def _complete_added(self) -> None:
+        """What the block added to large gradients that were not zeroed (needs the copy)."""
+        todo = self._live_grads(lambda rec: rec.before_copy is not None or rec.after.nonfinite)
         for (rec, _), summary in zip(todo, stats.summaries([g for _, g in todo])):
             rec.after = summary
-        diffs = []
-        for rec, grad in todo:
-            if rec.before_copy is not None and rec.before_copy.shape == grad.shape:
-                diffs.append((rec, grad.detach() - rec.before_copy))
+        diffs = [
+            (rec, grad.detach() - rec.before_copy)
+            for rec, grad in todo
+            if rec.before_copy is not None and rec.before_copy.shape == grad.shape
+        ]
         for (rec, _), summary in zip(diffs, stats.summaries([d for _, d in diffs])):
             rec.added = summary
+
+    def complete_summaries(self) -> None:
+        """Full statistics of large gradients, computed only when a report is built.
+
+        During the block only a batched norm is taken, so watching costs little;
+        the rest is read here if the gradient is still the one backward left.
+        """
+        todo = self._live_grads(lambda rec: True)
+        for (rec, _), summary in zip(todo, stats.summaries([g for _, g in todo])):
+            if rec.added is rec.after:
+                rec.added = summary
+            rec.after = summary
 
     def _settle(self, rec: LeafRecord) -> None:
         """Decide what this block added and the status word."""
@@ -490,6 +515,7 @@ class Recorder:
             from .report import GradReport
 
             self.close()
+            self._guard(self.complete_summaries)
             self._report = GradReport.from_recorder(self)
         return self._report
 

@@ -149,7 +149,7 @@ class GradMagics(Magics):
             )
         # The magic's line, as a comment, keeps line numbers in tracebacks equal
         # to the lines the user sees in the cell.
-        code = f"# %%grad {line}\n" + self.shell.transform_cell(cell)
+        code = f"# %%grad {' '.join(line.split())}\n" + self.shell.transform_cell(cell)
         filename = self.shell.compile.cache(code, self.shell.execution_count, raw_code=cell)
         error: BaseException | None = None
         with watch(

@@ -8,6 +8,7 @@ locals of the frames that called backward. `fallback_name` covers the rest.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -127,6 +128,7 @@ def unique(names: Iterable[str]) -> list[str]:
     return out
 
 
+@functools.cache
 def _library_dirs() -> tuple[str, ...]:
     import os
     import sysconfig
