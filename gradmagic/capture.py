@@ -368,11 +368,6 @@ class Recorder:
         for probe in self.probes:
             if hasattr(probe, "finish"):
                 self._guard(probe.finish, self)
-        from .diagnostics import findings_for
-
-        self.findings = self._guard(findings_for, self) or []
-        # The namespace holds the user's tensors: a recorder kept around must not.
-        self.namespace = None
 
     def _finish(self) -> None:
         namer = Namer(self.namespace)
@@ -512,10 +507,14 @@ class Recorder:
     def report(self) -> Any:
         """The `GradReport` of this block (built once, after it closed)."""
         if self._report is None:
+            from .diagnostics import findings_for
             from .report import GradReport
 
             self.close()
             self._guard(self.complete_summaries)
+            self.findings = self._guard(findings_for, self) or []
+            # The namespace holds the user's tensors: a recorder kept around must not.
+            self.namespace = None
             self._report = GradReport.from_recorder(self)
         return self._report
 
