@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,51 +99,6 @@ def should_skip(call: EngineCall) -> bool:
         if isinstance(t, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return True
     return False
-
-
-def grad_fn_of(t: Any) -> Any:
-    """The autograd node a root tensor (or GradientEdge) starts from."""
-    if isinstance(t, torch.autograd.graph.GradientEdge):
-        return t.node
-    if isinstance(t, torch.Tensor):
-        return t.grad_fn
-    return None
-
-
-def is_accumulate_node(node: Any) -> bool:
-    return type(node).__name__ == "AccumulateGrad"
-
-
-def iter_leaves(
-    roots: Sequence[Any], limit: int = 2_000_000
-) -> Iterator[tuple[torch.Tensor, str | None]]:
-    """Yield `(leaf, consuming op name)` for every leaf reachable from `roots`, once.
-
-    The walk is iterative: a recursive one overflows on long chains.
-    """
-    seen: set[int] = set()
-    stack: list[tuple[Any, str | None]] = []
-    for root in roots:
-        node = grad_fn_of(root)
-        if node is None:
-            if isinstance(root, torch.Tensor) and root.requires_grad:
-                yield root, None
-            continue
-        stack.append((node, None))
-    visited = 0
-    while stack and visited < limit:
-        node, parent = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        visited += 1
-        if is_accumulate_node(node):
-            yield node.variable, parent
-            continue
-        name = node.name()
-        for child, _ in node.next_functions:
-            if child is not None and id(child) not in seen:
-                stack.append((child, name))
 
 
 # --- installing the wrapper -------------------------------------------------

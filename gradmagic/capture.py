@@ -186,7 +186,14 @@ class Recorder:
         # manager that must undo everything it installed in __exit__.
         from . import probes  # noqa: F401 - registers its probes in EXTRA_PROBES
 
+        self.module_spans: Any = None
+        if self.options.graph:
+            from .graph import ModuleSpans
+
+            self.module_spans = ModuleSpans()
         self.probes: list[Any] = [self.created_names, self.module_calls]
+        if self.module_spans is not None:
+            self.probes.append(self.module_spans)
         self.probes += [make(self) for make in EXTRA_PROBES]
         self._pending: list[torch.Tensor] = []
         self.findings: list[Any] = []
@@ -229,17 +236,31 @@ class Recorder:
     # -- before the engine runs -------------------------------------------------
     def _begin(self, call: _engine.EngineCall, frame: Any) -> tuple[BackwardRecord, Any]:
         _engine.caller_context(call, frame)
-        if call.inputs:
-            consumers = {id(t): None for t in call.inputs if isinstance(t, torch.Tensor)}
-            leaves = [t for t in call.inputs if isinstance(t, torch.Tensor)]
-        else:
-            found = list(_engine.iter_leaves(call.outputs))
-            consumers = {id(leaf): op for leaf, op in found}
-            leaves = [leaf for leaf, _ in found]
-        fresh = [leaf for leaf in leaves if leaf not in self._by_leaf]
+        from .graph import snapshot
+
         roots = [t for t in call.outputs if isinstance(t, torch.Tensor)]
-        for leaf in fresh:
-            self._register(leaf).consumer = consumers.get(id(leaf))
+        found: list[torch.Tensor] = []
+
+        def leaf_key(leaf: torch.Tensor) -> int:
+            found.append(leaf)
+            return self._leaf_key(leaf)
+
+        # One walk finds the leaves and, when drawn, records the graph. It must be
+        # the graph module's: it guards against a torch 2.13 crash on deep graphs.
+        snap, live = snapshot(
+            call.outputs, leaf_key=leaf_key, inputs=call.inputs or None, light=not self.options.graph
+        )
+        for edge in snap.edges:
+            src, dst = snap.nodes[edge.src], snap.nodes[edge.dst]
+            if src.kind == "leaf" and src.leaf_key is not None:
+                rec = self.leaves[src.leaf_key]
+                rec.consumer = rec.consumer or dst.op
+        if call.inputs:
+            leaves = [t for t in call.inputs if isinstance(t, torch.Tensor)]
+            for leaf in leaves:
+                self._leaf_key(leaf)
+        else:
+            leaves = found
         for root in roots:
             self.created_names.want(root)
         records = [self._by_leaf[leaf] for leaf in leaves]
@@ -259,24 +280,15 @@ class Recorder:
         )
         self.records.append(record)
         self._pending = leaves if call.accumulate_grad else []
-        return record, self._graph_begin(record, call)
-
-    def _graph_begin(self, record: BackwardRecord, call: _engine.EngineCall) -> Any:
-        """Snapshot the graph before the engine frees it; returns the flow recorder."""
         if not self.options.graph:
-            return nullcontext()
-        from .graph import FlowRecorder, snapshot
-
-        snap, live = snapshot(
-            call.outputs,
-            leaf_key=self._leaf_key,
-            root_names=record.roots,
-            inputs=call.inputs or None,
-        )
+            return record, nullcontext()
         record.graph = snap
         if snap.n_ops > self.options.flow_budget:
-            return nullcontext()
-        return FlowRecorder(snap, live, budget=self.options.flow_budget, values=self.options.values)
+            return record, nullcontext()
+        from .graph import FlowRecorder
+
+        flow = FlowRecorder(snap, live, budget=self.options.flow_budget, values=self.options.values)
+        return record, flow
 
     def _leaf_key(self, leaf: torch.Tensor) -> int:
         rec = self._by_leaf.get(leaf)
@@ -383,6 +395,8 @@ class Recorder:
                     record.roots[i] = namer.name(t) or self.created_names.get(t) or ""
             if record.inputs is not None:
                 record.inputs = [self.leaves[k].name for k in record.leaf_keys]
+            if record.graph is not None:
+                self._name_graph(record, namer)
             record._root_refs = []
             record._input_refs = []
         run = self.history.new_run() if self.leaves else self.history.cell_runs
@@ -393,6 +407,16 @@ class Recorder:
                 values = [_for_history(v) for v in (rec.before, rec.after, rec.added)]
                 self.history.record(leaf, RunEntry(run, *values, rec.status, rec.runs))
             rec.before_copy = None
+
+    def _name_graph(self, record: BackwardRecord, namer: Namer) -> None:
+        """Put root names (`loss`) and module calls on the graph snapshot."""
+        snap = record.graph
+        if len(snap.roots) == len(record.roots):
+            for nid, name in zip(snap.roots, record.roots):
+                if name and not snap.nodes[nid].root_name:
+                    snap.nodes[nid].root_name = name
+        if self.module_spans is not None:
+            self.module_spans.assign(snap, module_name=namer.module_name)
 
     def _live_grads(self, wanted: Any) -> list[tuple[LeafRecord, torch.Tensor]]:
         """(record, grad) for norm-only summaries whose gradient is still what backward left."""

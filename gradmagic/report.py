@@ -156,7 +156,8 @@ class GradReport:
             snap = record.graph
             if snap is None:
                 continue
-            key = (record.kind, getattr(snap, "signature", id(snap)))
+            # The same structure drawn once: a retain_graph repeat, or a loop's steps.
+            key = (record.kind, snap.structure)
             if key in by_signature:
                 by_signature[key].repeat += 1
                 continue
@@ -328,10 +329,10 @@ class GradReport:
             parts.append(self._table_html(uid))
         if self.steps:
             parts.append(self._steps_html())
-        if self.flow is not None:
-            parts.append(self._flow_html())
         if self.show_graph:
             parts.extend(self._graph_html(g) for g in self.graphs)
+        if self.flow is not None:
+            parts.append(self._flow_html())
         for err in self.errors:
             parts.append(f'<div style="color:#6b7280">gradmagic internal: {esc(err)}</div>')
         parts.append("</div>")
@@ -388,8 +389,8 @@ class GradReport:
             body.append(
                 f'<tr id="{uid}-row{i}" data-status="{esc(r.status)}"{style}>'
                 f'<td style="{cell} {mono} font-weight:600"{title}>{esc(r.name)}</td>'
-                f'<td style="{cell} {mono}">{esc(_shape(r.shape))}</td>'
-                f'<td style="{cell} {mono}">{esc(r.dtype)} / {esc(r.device)}</td>'
+                f'<td style="{cell} {mono} white-space:nowrap">{esc(_shape(r.shape))}</td>'
+                f'<td style="{cell} {mono} white-space:nowrap">{esc(r.dtype)} / {esc(r.device)}</td>'
                 f"{values}"
                 f'<td style="{cell} {mono} {highlight}">{esc(added)}</td>'
                 f'<td style="{cell}"><span style="background:{badge_bg}; color:{badge_fg}; '
@@ -464,6 +465,8 @@ def _added_text(row: LeafRow) -> str:
     """What this run added: nothing for rows no backward reached."""
     if row.status in ("unchanged", "none"):
         return "—"
+    if row.before is None and row.added is row.after and row.after is not None:
+        return "= after"  # the whole gradient is new: no need to print it twice
     return stats.format_value(row.added)
 
 

@@ -47,7 +47,10 @@ def test_accumulate_grad_exposes_its_leaf_and_metadata():
     assert type(node).__name__ == "AccumulateGrad"
     assert node.variable is x
     assert tuple(y.grad_fn.next_functions[0][0]._input_metadata[0].shape) == (3,)
-    assert [leaf for leaf, _ in _engine.iter_leaves([y])] == [x]
+    from gradmagic.graph import snapshot
+
+    snap, _ = snapshot([y], leaf_key=lambda leaf: 7 if leaf is x else -1)
+    assert [n.leaf_key for n in snap.nodes if n.kind == "leaf"] == [7]
 
 
 def test_saved_tensors_are_freed_by_a_backward_without_retain_graph():
