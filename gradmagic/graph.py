@@ -259,11 +259,31 @@ def _saved_text(value: Any) -> str | None:
 
 
 def _values_text(t: torch.Tensor) -> str:
-    """Values as PyTorch prints them, on one line: `[36., 81.]`."""
-    text = repr(t)
-    body = text[text.index("(") + 1 : text.rindex(")")]
-    body = re.sub(r",\s*(dtype|device|layout|size|requires_grad|grad_fn)=.*$", "", body, flags=re.S)
-    return " ".join(body.split())
+    """Values in PyTorch's style, on one line: `[36., 81.]`.
+
+    Formatted from `.tolist()`: `repr(tensor)` costs about 0.2 ms a call, and
+    this runs inside the backward for every edge of a small graph.
+    """
+    values = t.tolist()
+    flat = values if isinstance(values, list) else [values]
+    while flat and isinstance(flat[0], list):
+        flat = [v for row in flat for v in row]
+    floats = [v for v in flat if isinstance(v, float) and math.isfinite(v)]
+    if floats and all(v.is_integer() for v in floats) and max(map(abs, floats)) < 1e8:
+        fmt = "{:.0f}."
+    elif floats and all(1e-4 <= abs(v) < 1e4 for v in floats if v):
+        fmt = "{:.4f}"
+    else:
+        fmt = "{:.4e}"
+
+    def one(v: Any) -> str:
+        if isinstance(v, list):
+            return "[" + ", ".join(one(x) for x in v) + "]"
+        if isinstance(v, float):
+            return fmt.format(v) if math.isfinite(v) else str(v)
+        return str(v)
+
+    return one(values)
 
 
 def _flow_label(grad: torch.Tensor, values: int) -> tuple[str, bool]:
