@@ -118,6 +118,7 @@ def original_engine() -> Any:
 
 def _make_wrapper(original: Any, handler: Handler) -> Any:
     def _engine_run_backward(t_outputs: Any, *args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
         return handler(original, (t_outputs, *args), kwargs, sys._getframe(1))
 
     _engine_run_backward.__wrapped__ = original  # type: ignore[attr-defined]

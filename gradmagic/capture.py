@@ -196,10 +196,12 @@ class Recorder:
             self.probes.append(self.module_spans)
         self.probes += [make(self) for make in EXTRA_PROBES]
         self._pending: list[torch.Tensor] = []
+        self._adds_to_earlier: list[LeafRecord] = []
         self.findings: list[Any] = []
 
     # -- the engine wrapper's handler -------------------------------------------
     def handle(self, original: Any, args: tuple, kwargs: dict, frame: Any) -> Any:
+        __tracebackhide__ = True  # IPython leaves gradmagic's frames out of tracebacks
         if self.closed or self._depth or threading.get_ident() != self._thread:
             return original(*args, **kwargs)
         call = _engine.parse_call(args, kwargs)
@@ -248,7 +250,10 @@ class Recorder:
         # One walk finds the leaves and, when drawn, records the graph. It must be
         # the graph module's: it guards against a torch 2.13 crash on deep graphs.
         snap, live = snapshot(
-            call.outputs, leaf_key=leaf_key, inputs=call.inputs or None, light=not self.options.graph
+            call.outputs,
+            leaf_key=leaf_key,
+            inputs=call.inputs or None,
+            light=not self.options.graph,
         )
         for edge in snap.edges:
             src, dst = snap.nodes[edge.src], snap.nodes[edge.dst]
@@ -264,9 +269,12 @@ class Recorder:
         for root in roots:
             self.created_names.want(root)
         records = [self._by_leaf[leaf] for leaf in leaves]
-        if call.accumulate_grad:
-            for leaf, rec in zip(leaves, records):
-                self._note_accumulation(leaf, rec)
+        # Decided now, before the engine adds to `.grad`; applied only if it succeeds.
+        self._adds_to_earlier = (
+            [rec for leaf, rec in zip(leaves, records) if self._adds_to_earlier_backward(leaf, rec)]
+            if call.accumulate_grad
+            else []
+        )
         record = BackwardRecord(
             kind=call.kind,
             roots=["" for _ in roots],
@@ -319,14 +327,13 @@ class Recorder:
         self._by_leaf[leaf] = rec
         return rec
 
-    def _note_accumulation(self, leaf: torch.Tensor, rec: LeafRecord) -> None:
-        """A second backward in the block that adds to the first one's gradient."""
+    def _adds_to_earlier_backward(self, leaf: torch.Tensor, rec: LeafRecord) -> bool:
+        """Whether this backward will add to what an earlier backward of the block left."""
         grad = leaf.grad
         if grad is None or rec.backwards == 0:
-            return
+            return False
         untouched = rec.after_ref is not None and rec.after_ref() is grad
-        if untouched and grad._version == rec.after_version or not stats.is_all_zero(grad):
-            rec.accumulated_in_block = True
+        return (untouched and grad._version == rec.after_version) or not stats.is_all_zero(grad)
 
     def _gradient_argument(self, gradient: Any) -> list[Any] | None:
         if gradient is None:
@@ -348,6 +355,8 @@ class Recorder:
             ]
             return
         pending, self._pending = self._pending, []
+        for rec in self._adds_to_earlier:
+            rec.accumulated_in_block = True
         small, large = [], []
         for leaf in pending:
             rec = self._by_leaf[leaf]
@@ -594,6 +603,7 @@ _active: list[Recorder] = []
 
 def _dispatch(original: Any, args: tuple, kwargs: dict, frame: Any) -> Any:
     """The engine wrapper's single handler: the innermost active recorder records."""
+    __tracebackhide__ = True
     recorder = _active[-1] if _active else None
     if recorder is None:
         return original(*args, **kwargs)

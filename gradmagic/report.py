@@ -17,6 +17,14 @@ from . import stats
 from .diagnostics import Finding
 from .plot import gradient_flow
 
+# Jupyter's page CSS makes tables fixed-layout with right-aligned, wrapping cells;
+# inline styles win over it (the report's container scrolls sideways instead).
+TABLE_STYLE = "border-collapse: collapse; table-layout: auto; width: auto;"
+CELL_STYLE = (
+    "padding: 3px 8px; border-bottom: 1px solid #e5e7eb; vertical-align: top; "
+    "text-align: left; white-space: nowrap;"
+)
+
 # Rows drawn in HTML and text; `rep.table` always has them all. Problem rows come first.
 MAX_SHOWN_ROWS = 200
 PROBLEM_STATUSES = ("nan/inf", "none", "accumulated")
@@ -154,7 +162,7 @@ class GradReport:
         by_signature: dict[Any, GradGraph] = {}
         for record in recorder.records:
             snap = record.graph
-            if snap is None:
+            if snap is None or not snap.nodes:  # e.g. a loss with no grad_fn: nothing to draw
                 continue
             # The same structure drawn once: a retain_graph repeat, or a loop's steps.
             key = (record.kind, snap.structure)
@@ -267,7 +275,8 @@ class GradReport:
         n = len(self.backwards)
         kinds = sorted({b.kind for b in self.backwards})
         calls = f"{n} engine call{'s' if n != 1 else ''}" + (f" ({', '.join(kinds)})" if n else "")
-        return f"gradmagic · cell run {self.run} · {calls} · {len(self.rows)} leaves"
+        leaves = f"{len(self.rows)} lea{'f' if len(self.rows) == 1 else 'ves'}"
+        return f"gradmagic · cell run {self.run} · {calls} · {leaves}"
 
     def __repr__(self) -> str:
         lines = [self._headline()]
@@ -359,7 +368,7 @@ class GradReport:
         return f'<ul style="padding:0; margin: 0 0 8px 0;">{"".join(items)}</ul>'
 
     def _table_html(self, uid: str) -> str:
-        cell = "padding: 3px 8px; border-bottom: 1px solid #e5e7eb; vertical-align: top;"
+        cell = CELL_STYLE
         mono = "font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px;"
         head = "".join(
             f'<th style="{cell} text-align:left; background:#f9fafb">{h}</th>'
@@ -389,8 +398,8 @@ class GradReport:
             body.append(
                 f'<tr id="{uid}-row{i}" data-status="{esc(r.status)}"{style}>'
                 f'<td style="{cell} {mono} font-weight:600"{title}>{esc(r.name)}</td>'
-                f'<td style="{cell} {mono} white-space:nowrap">{esc(_shape(r.shape))}</td>'
-                f'<td style="{cell} {mono} white-space:nowrap">{esc(r.dtype)} / {esc(r.device)}</td>'
+                f'<td style="{cell} {mono}">{esc(_shape(r.shape))}</td>'
+                f'<td style="{cell} {mono}">{esc(r.dtype)} / {esc(r.device)}</td>'
                 f"{values}"
                 f'<td style="{cell} {mono} {highlight}">{esc(added)}</td>'
                 f'<td style="{cell}"><span style="background:{badge_bg}; color:{badge_fg}; '
@@ -399,13 +408,13 @@ class GradReport:
             )
         more = f'<div style="color:#6b7280">{_code_spans(self._left_out(hidden))}</div>'
         return (
-            '<table class="gradmagic-table" style="border-collapse: collapse; margin: 4px 0;">'
+            f'<table class="gradmagic-table" style="{TABLE_STYLE} margin: 4px 0;">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
             + (more if hidden else "")
         )
 
     def _steps_html(self) -> str:
-        cell = "padding: 3px 8px; border-bottom: 1px solid #e5e7eb; vertical-align: top;"
+        cell = CELL_STYLE
         mono = "font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px;"
         head = "".join(
             f'<th style="{cell} text-align:left; background:#f9fafb">{h}</th>' for h in STEP_HEADER
@@ -422,7 +431,7 @@ class GradReport:
                     + "</tr>"
                 )
         return (
-            '<table class="gradmagic-steps" style="border-collapse: collapse; margin: 8px 0 4px 0;">'
+            f'<table class="gradmagic-steps" style="{TABLE_STYLE} margin: 8px 0 4px 0;">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
         )
 
@@ -522,7 +531,7 @@ class HistoryView:
     def _repr_html_(self) -> str:
         if not self.entries:
             return f"<div>{esc(repr(self))}</div>"
-        cell = "padding: 3px 8px; border-bottom: 1px solid #e5e7eb; font-family: monospace;"
+        cell = CELL_STYLE + " font-family: monospace;"
         head = "".join(
             f'<th style="{cell} text-align:left">{h}</th>'
             for h in ("cell run", "before", "after", "added", "status", "runs")
@@ -536,6 +545,6 @@ class HistoryView:
             )
         return (
             f'<div style="font-weight:600">history of <code>{esc(self.name)}.grad</code></div>'
-            f'<table style="border-collapse: collapse">'
+            f'<table style="{TABLE_STYLE}">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
         )

@@ -1,0 +1,285 @@
+"""Probes that watch a block beside the engine wrapper: optimizer steps, warnings, grad mode.
+
+Importing this module appends their factories to `capture.EXTRA_PROBES`. Each
+probe is a context manager that undoes in `__exit__` everything it installed,
+and has a `finish(recorder)` that turns what it saw into plain records on the
+recorder once names are known: `recorder.optimizer_steps`,
+`recorder.nonleaf_grad_reads` and `recorder.grad_mode`. After the block no
+probe holds a user's tensor beyond small copies.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import re
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+from . import capture, stats
+from .naming import Namer
+
+# Hyperparameters worth showing beside an optimizer's name, when set.
+HYPERPARAMETERS = ("lr", "momentum", "betas", "weight_decay")
+# Elements of large parameters copied to measure how far a step moved them;
+# past this budget only summaries are kept (no `‖Δ‖`), to bound memory.
+DELTA_BUDGET = 1 << 26
+NONLEAF_WARNING = "The .grad attribute of a Tensor that is not a leaf Tensor"
+
+
+@dataclass
+class ParamStep:
+    """One parameter across an optimizer's steps in a block.
+
+    `before` is its value before the first step, `after` after the last, each a
+    copy (small tensors) or a `TensorSummary`; `grad` is `.grad` at the last
+    step; `change` is `after - before` (small) or the norm of that difference.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    grad: Any
+    before: Any
+    after: Any
+    change: Any
+    steps: int
+
+
+@dataclass
+class OptimizerSteps:
+    """What one optimizer's `step()` calls did in the block."""
+
+    name: str  # the variable holding it, else its class name
+    kind: str  # `SGD`, `Adam`, ...
+    hyperparameters: dict[str, Any]
+    steps: int
+    params: list[ParamStep]
+
+    @property
+    def title(self) -> str:
+        """`opt = SGD(lr=0.001)`."""
+        hyper = ", ".join(f"{k}={v}" for k, v in self.hyperparameters.items())
+        call = f"{self.kind}({hyper})"
+        return call if self.name == self.kind else f"{self.name} = {call}"
+
+
+@dataclass
+class _LiveParam:
+    ref: Any
+    before: Any
+    first_copy: torch.Tensor | None  # transient, for `‖Δ‖` of a large parameter
+    grad: Any = None
+    steps: int = 0
+
+
+@dataclass
+class _LiveOptimizer:
+    ref: Any
+    kind: str
+    hyperparameters: dict[str, Any]
+    steps: int = 0
+    params: dict[int, _LiveParam] = field(default_factory=dict)
+    stepping: list[_LiveParam] = field(default_factory=list)
+
+
+class OptimizerStepProbe:
+    """Records each parameter before an optimizer's first step and after its last.
+
+    Uses torch's global step hooks, so any optimizer stepping in the block is
+    seen without the user registering anything.
+    """
+
+    def __init__(self, recorder: Any) -> None:
+        self.options = recorder.options
+        self._live: dict[int, _LiveOptimizer] = {}
+        self._handles: list[Any] = []
+        self._copied = 0
+
+    def __enter__(self) -> OptimizerStepProbe:
+        self._handles = [
+            register_optimizer_step_pre_hook(self._before_step),
+            register_optimizer_step_post_hook(self._after_step),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        live = self._live.get(id(optimizer))
+        if live is None or live.ref() is not optimizer:
+            group = optimizer.param_groups[0] if optimizer.param_groups else {}
+            hyper = {k: group[k] for k in HYPERPARAMETERS if group.get(k) not in (None, 0, False)}
+            live = _LiveOptimizer(weakref.ref(optimizer), type(optimizer).__name__, hyper)
+            self._live[id(optimizer)] = live
+        # Parameters without a gradient are skipped by step(): frozen ones stay out.
+        stepping = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        fresh = [p for p in stepping if id(p) not in live.params]
+        for p, before in zip(fresh, self._values(fresh)):
+            copy = None
+            if not self.options.keeps_values(p) and self._copied + p.numel() <= DELTA_BUDGET:
+                copy, self._copied = stats.exact_copy(p), self._copied + p.numel()
+            live.params[id(p)] = _LiveParam(weakref.ref(p), before, copy)
+        live.stepping = [live.params[id(p)] for p in stepping]
+        for item, grad in zip(live.stepping, self._values([p.grad for p in stepping], full=False)):
+            item.grad = grad
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # Counted here, not before: a step that raised moved nothing.
+        live = self._live.get(id(optimizer))
+        if live is None:
+            return
+        live.steps += 1
+        for item in live.stepping:
+            item.steps += 1
+
+    def _values(self, tensors: list[torch.Tensor], full: bool = True) -> list[Any]:
+        """Exact copies of small tensors; summaries (or just norms) of large ones."""
+        large = [t for t in tensors if not self.options.keeps_values(t)]
+        if full:
+            summaries = iter(stats.summaries(large))
+        else:
+            summaries = iter(
+                stats.TensorSummary(tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), n)
+                for t, n in zip(large, stats.norms(large))
+            )
+        return [
+            stats.exact_copy(t) if self.options.keeps_values(t) else next(summaries)
+            for t in tensors
+        ]
+
+    def finish(self, recorder: Any) -> None:
+        """Name what stepped and measure how far it moved; drop every reference."""
+        namer = Namer(recorder.namespace)
+        row_names = {id(r.ref()): r.name for r in recorder.leaves if r.ref() is not None}
+        for live in self._live.values():
+            optimizer = live.ref()
+            items = [(item, item.ref()) for item in live.params.values()]
+            items = [(item, p) for item, p in items if p is not None]
+            afters = self._values([p for _, p in items])
+            moved = [(item, p) for item, p in items if item.first_copy is not None]
+            norms = iter(stats.norms([p.detach() - item.first_copy for item, p in moved]))
+            params = []
+            for i, ((item, p), after) in enumerate(zip(items, afters)):
+                if isinstance(after, torch.Tensor) and isinstance(item.before, torch.Tensor):
+                    change: Any = after - item.before
+                else:
+                    change = next(norms) if item.first_copy is not None else None
+                name = row_names.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
+                params.append(
+                    ParamStep(
+                        name, tuple(p.shape), item.grad, item.before, after, change, item.steps
+                    )
+                )
+            recorder.optimizer_steps.append(
+                OptimizerSteps(
+                    _variable_name(recorder.namespace, optimizer) or live.kind,
+                    live.kind,
+                    live.hyperparameters,
+                    live.steps,
+                    params,
+                )
+            )
+        self._live = {}
+
+
+def _variable_name(namespace: Any, obj: Any) -> str | None:
+    for key, value in list((namespace or {}).items()):
+        if value is obj and isinstance(key, str) and not key.startswith("_"):
+            return key
+    return None
+
+
+class WarningProbe:
+    """Sees every warning shown during the block and passes it on unchanged.
+
+    Wraps `warnings._showwarnmsg`, which both the Python and the C warning
+    machinery call only after the filters chose to show a warning, so what
+    the user sees (and what filters, `catch_warnings` or IPython do) is the
+    same as without gradmagic.
+    """
+
+    def __init__(self, recorder: Any) -> None:
+        self.shown: list[tuple[str, str, int]] = []  # (message, filename, lineno)
+        self._original: Any = None
+        self._active = False
+
+    def _show(self, message: Any) -> Any:
+        if self._active:
+            self.shown.append((str(message.message), message.filename, message.lineno))
+        return self._original(message)
+
+    def __enter__(self) -> WarningProbe:
+        self._original = warnings._showwarnmsg  # type: ignore[attr-defined]
+        warnings._showwarnmsg = self._show  # type: ignore[attr-defined]
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._active = False
+        # If someone wrapped ours meanwhile, leave the chain intact: ours just passes on.
+        if warnings._showwarnmsg == self._show:  # type: ignore[attr-defined]
+            warnings._showwarnmsg = self._original  # type: ignore[attr-defined]
+
+    def finish(self, recorder: Any) -> None:
+        """Which non-leaf `.grad` the block read, from the warnings and the source."""
+        reads: list[str] = []
+        for message, filename, lineno in self.shown:
+            if message.startswith(NONLEAF_WARNING):
+                reads += grad_reads(linecache.getline(filename, lineno).strip())
+        # A repeated warning is hidden by the filters' registry: the source still tells.
+        namespace = recorder.namespace or {}
+        for name in grad_reads(recorder.source or ""):
+            value = namespace.get(name)
+            if isinstance(value, torch.Tensor) and value.grad_fn and not value.retains_grad:
+                reads.append(name)
+        recorder.nonleaf_grad_reads = list(dict.fromkeys(reads))
+
+
+def grad_reads(code: str) -> list[str]:
+    """The expressions whose `.grad` the code reads: `y.grad` -> `y`."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        # A lone line such as `if y.grad is None:` does not parse by itself.
+        return re.findall(r"([A-Za-z_][\w.]*)\.grad\b", code)
+    return [
+        ast.unparse(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr == "grad"
+        and isinstance(node.ctx, ast.Load)
+    ]
+
+
+class GradModeProbe:
+    """Whether gradients were recorded when the block began (an earlier
+    `torch.set_grad_enabled(False)` or inference mode makes every backward fail)."""
+
+    def __init__(self, recorder: Any) -> None:
+        self.recorder = recorder
+
+    def __enter__(self) -> GradModeProbe:
+        if torch.is_inference_mode_enabled():
+            self.recorder.grad_mode = "inference_mode"
+        elif not torch.is_grad_enabled():
+            self.recorder.grad_mode = "no_grad"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+capture.EXTRA_PROBES.extend([OptimizerStepProbe, WarningProbe, GradModeProbe])

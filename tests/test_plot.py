@@ -1,0 +1,127 @@
+"""The gradient-flow chart and `%grad history NAME`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import torch
+
+DEEP = (
+    "from torch import nn\n"
+    "model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(4)], nn.Linear(6, 6))\n"
+    "x = torch.randn(10, 6)\n"
+)
+
+
+def _svg(html: str) -> str:
+    [svg] = re.findall(r'<div class="gradmagic-flow"[^>]*>(<svg.*?</svg>)', html, flags=re.S)
+    return svg
+
+
+def test_chart_is_on_from_eight_leaves_with_mean_and_max_per_leaf(ip):
+    ip.run(DEEP)
+    ip.run("%%grad -q -o rep\nmodel(x).pow(2).mean().backward()\n")
+    rep, model = ip.ns["rep"], ip.ns["model"]
+    names = [f"model.{i}.{kind}" for i in range(5) for kind in ("weight", "bias")]
+    assert [p.name for p in rep.flow.points] == names
+    for point, param in zip(rep.flow.points, model.parameters()):
+        g = param.grad.abs()
+        assert abs(point.mean_abs - g.mean().item()) < 1e-7 * max(1.0, g.mean().item())
+        assert point.max_abs == g.max().item()
+        assert point.mark == ""
+    svg = _svg(rep._repr_html_())
+    ET.fromstring(svg)  # well-formed, inline, no script
+    assert "<script" not in svg
+    assert "mean |grad|" in svg and "max |grad|" in svg and "model.4.bias" in svg
+    assert re.search(r"gradient flow: max \|grad\| from \S+ \(model\.\d\.\w+\) to", repr(rep))
+
+
+def test_small_reports_have_no_chart_unless_asked(ip):
+    ip.run("w = torch.tensor([1., 2.], requires_grad=True)")
+    ip.run("%%grad -q -o rep\n(w * 3).sum().backward()\n")
+    assert ip.ns["rep"].flow is None
+    assert "gradmagic-flow" not in ip.ns["rep"]._repr_html_()
+    ip.run("%%grad -q -o rep --plot\n(w * 3).sum().backward()\n")
+    [point] = ip.ns["rep"].flow.points
+    assert (point.mean_abs, point.max_abs) == (6.0, 6.0)  # accumulated: 3 + 3
+    ip.run(DEEP)
+    ip.run("%%grad -q -o rep --no-plot\nmodel(x).sum().backward()\n")
+    assert ip.ns["rep"].flow is None
+
+
+def test_none_and_nan_leaves_are_marked_not_drawn(ip):
+    ip.run(
+        DEEP + "w = torch.zeros(2, requires_grad=True)\nunused = torch.ones(3, requires_grad=True)"
+    )
+    ip.run(
+        "%%grad -q -o rep\n"
+        "loss = model(x).pow(2).mean() + torch.log(w).sum()\n"
+        "loss.backward()\n"
+        "unused\n"
+    )
+    rep = ip.ns["rep"]
+    marks = {p.name: p.mark for p in rep.flow.points}
+    assert marks["w"] == "nan/inf" and marks["unused"] == "none"
+    assert rep.table.loc["unused", "status"] == "none"
+    svg = _svg(rep._repr_html_())
+    assert "no gradient" in svg and "NaN/Inf" in svg
+
+
+def test_chart_leaves_the_users_matplotlib_alone():
+    code = (
+        "import sys, torch, matplotlib, gradmagic\n"
+        "from torch import nn\n"
+        "rc = matplotlib.rcParams  # read around __getitem__, which would resolve the backend\n"
+        "settings = lambda: {k: dict.__getitem__(rc, k) for k in dict.keys(rc)}\n"
+        "before = settings()\n"
+        "model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(5)])\n"
+        "with gradmagic.watch({'model': model}) as rec:\n"
+        "    model(torch.randn(2, 3)).sum().backward()\n"
+        "html = rec.report()._repr_html_()\n"
+        "print('gradmagic-flow' in html, 'matplotlib.pyplot' in sys.modules,\n"
+        "      settings() == before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "True"]
+
+
+def test_chart_is_the_same_svg_each_time(ip):
+    ip.run(DEEP)
+    ip.run("%%grad -q -o rep\nmodel(x).sum().backward()\n")
+    flow = ip.ns["rep"].flow
+    first = flow.svg()
+    flow._svg = None
+    assert flow.svg() == first
+
+
+def test_history_of_three_runs(ip):
+    ip.run("x = torch.tensor([1., 2.], requires_grad=True)")
+    for _ in range(3):
+        ip.run("%%grad -q\n(100 * x).sum().backward()\n")
+    view = ip.run("%grad history x")
+    rows = [(e.run, e.before, e.after, e.added, e.status, e.runs) for e in view.entries]
+    assert [r[0] for r in rows] == [1, 2, 3]
+    assert rows[0][1] is None
+    assert [r[1].tolist() for r in rows[1:]] == [[100.0, 100.0], [200.0, 200.0]]
+    assert [r[2].tolist() for r in rows] == [[100.0, 100.0], [200.0, 200.0], [300.0, 300.0]]
+    assert [r[3].tolist() for r in rows] == [[100.0, 100.0]] * 3
+    assert [(r[4], r[5]) for r in rows] == [("new", 1), ("accumulated", 2), ("accumulated", 3)]
+    lines = repr(view).splitlines()
+    assert lines[0] == "history of x.grad"
+    assert lines[1].split() == ["run", "before", "after", "added", "status", "runs"]
+    assert lines[4].split()[-2:] == ["accumulated", "3"]
+    assert "tensor([300., 300.])" in lines[4]
+    html = view._repr_html_()
+    assert html.count("<tr") == 4 and "background:#fff3e0" in html
+    ip.run("x.grad = None")
+    ip.run("%%grad -q\n(100 * x).sum().backward()\n")
+    assert [(e.status, e.runs) for e in ip.run("%grad history x").entries][-1] == ("new", 1)
+
+
+def test_history_of_a_tensor_never_watched(ip):
+    ip.run("z = torch.ones(2)")
+    assert repr(ip.run("%grad history z")) == "gradmagic has seen no %%grad run change `z.grad`."
+    assert torch.is_tensor(ip.ns["z"])
