@@ -66,7 +66,9 @@ def test_error_inside_backward_is_the_users_error(ip):
     assert "second time" in str(plain)
     assert _engine_is_original()
     [record] = ip.ns["rep"].backwards
-    assert record.error.startswith("RuntimeError: Trying to backward through the graph a second time")
+    assert record.error.startswith(
+        "RuntimeError: Trying to backward through the graph a second time"
+    )
 
 
 def test_keyboard_interrupt_from_a_hook_restores_everything(ip):

@@ -52,8 +52,12 @@ def _mlp_step():
 
 def _cnn_step():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(8, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]))
@@ -155,8 +159,17 @@ def _meta():
 
 @pytest.mark.parametrize(
     "step",
-    [_mlp_step, _cnn_step, _transformer_step, _double_backward, _lbfgs, _custom_function,
-     _user_hooks, _sparse_embedding, _meta],
+    [
+        _mlp_step,
+        _cnn_step,
+        _transformer_step,
+        _double_backward,
+        _lbfgs,
+        _custom_function,
+        _user_hooks,
+        _sparse_embedding,
+        _meta,
+    ],
 )
 @pytest.mark.parametrize("copies", [False, True])
 def test_bit_identical(step, copies):
@@ -178,7 +191,11 @@ def test_known_values_survive_watching():
         ("(x * 2).backward()", "grad can be implicitly created only for scalar outputs", False),
         ("torch.ones(2).sum().backward()", "does not require grad", True),
         ("with torch.no_grad():\n    (x * 2).sum().backward()", "does not require grad", True),
-        ("with torch.inference_mode():\n    (x * 2).sum().backward()", "does not require grad", True),
+        (
+            "with torch.inference_mode():\n    (x * 2).sum().backward()",
+            "does not require grad",
+            True,
+        ),
     ],
 )
 def test_errors_are_identical(cell, error, reaches_engine):
