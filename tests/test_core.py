@@ -197,3 +197,18 @@ def test_watch_works_without_ipython_and_restores_the_engine():
     assert torch.autograd._engine_run_backward is original
     assert torch.equal(rec.report().table.loc["x", "after"], torch.tensor([100.0, 100.0]))
     assert "IPython" not in type(rec.report()).__module__
+
+
+def test_the_report_graph_shows_the_chain_rule_on_its_edges(ip):
+    ip.run(
+        "a = torch.tensor([2., 3.], requires_grad=True)\nb = torch.tensor([6., 4.], requires_grad=True)"
+    )
+    ip.run("%%grad -q -o rep\nQ = 3*a**3 - b**2\nQ.backward(gradient=torch.tensor([1., 1.]))\n")
+    rep = ip.ns["rep"]
+    source = rep.graph.source
+    assert "PowBackward0" in source and "SubBackward0" in source and "MulBackward0" in source
+    assert 'label="Q\\nSubBackward0' in source  # the root, named after the variable
+    # The gradient that flowed into each leaf: 9a^2 and -2b.
+    assert "[36., 81.]" in source and "[-12., -8.]" in source
+    html = rep._repr_html_()
+    assert html.count("<svg") == 1 and "[36., 81.]" in html
