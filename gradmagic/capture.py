@@ -101,6 +101,7 @@ class LeafRecord:
     dtype: str
     device: str
     numel: int
+    local_name: str | None = None  # from the frame of a helper that made it
     consumer: str | None = None
     before: Any = None
     before_stale: bool = False
@@ -180,7 +181,7 @@ class Recorder:
         self._thread = threading.get_ident()
         self._depth = 0
         self._report = None
-        self.created_names = CreatedLeafNames()
+        self.created_names = CreatedLeafNames(on_name=self._named_in_frame)
         self.module_calls = ModuleCalls()
         # Probes watch the block alongside the engine wrapper; each is a context
         # manager that must undo everything it installed in __exit__.
@@ -298,6 +299,11 @@ class Recorder:
         flow = FlowRecorder(snap, live, budget=self.options.flow_budget, values=self.options.values)
         return record, flow
 
+    def _named_in_frame(self, tensor: torch.Tensor, name: str) -> None:
+        rec = self._by_leaf.get(tensor)
+        if rec is not None and rec.local_name is None:
+            rec.local_name = name
+
     def _leaf_key(self, leaf: torch.Tensor) -> int:
         rec = self._by_leaf.get(leaf)
         if rec is None:
@@ -312,6 +318,7 @@ class Recorder:
             dtype=stats.dtype_name(leaf.dtype),
             device=str(leaf.device),
             numel=leaf.numel(),
+            local_name=self.created_names.get(leaf),
             is_parameter=isinstance(leaf, nn.Parameter),
         )
         grad = leaf.grad
@@ -502,7 +509,7 @@ class Recorder:
         for rec in self.leaves:
             leaf = rec.ref()
             names = namer.names(leaf) if leaf is not None else []
-            local = self.created_names.get(leaf) if leaf is not None else None
+            local = rec.local_name or (self.created_names.get(leaf) if leaf is not None else None)
             if local and local not in names:
                 names.append(local)
             rec.names = names

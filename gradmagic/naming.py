@@ -155,9 +155,12 @@ class CreatedLeafNames:
     it stays alone and this naming is skipped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_name: Any = None) -> None:
         from torch.utils.weak import WeakIdKeyDictionary
 
+        # Called as on_name(tensor, name) when a name is found: the tensor may be
+        # gone by the time anyone asks (a weight made and used inside a helper).
+        self.on_name = on_name
         self.names: Any = WeakIdKeyDictionary()
         self._wanted: Any = WeakIdKeyDictionary()
         self._user_code: dict[Any, bool] = {}
@@ -188,6 +191,8 @@ class CreatedLeafNames:
                 continue
             if (value.requires_grad and value.grad_fn is None) or value in self._wanted:
                 self.names[value] = key
+                if self.on_name is not None:
+                    self.on_name(value, key)
 
     def want(self, tensor: torch.Tensor) -> None:
         """Also name this tensor (a backward's root, such as `loss`) if a frame holds it."""
