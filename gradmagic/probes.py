@@ -133,7 +133,7 @@ class OptimizerStepProbe:
                 copy, self._copied = stats.exact_copy(p), self._copied + p.numel()
             live.params[id(p)] = _LiveParam(weakref.ref(p), before, copy)
         live.stepping = [live.params[id(p)] for p in stepping]
-        for item, grad in zip(live.stepping, self._values([p.grad for p in stepping], full=False)):
+        for item, grad in zip(live.stepping, self._values([p.grad for p in stepping])):
             item.grad = grad
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -145,16 +145,17 @@ class OptimizerStepProbe:
         for item in live.stepping:
             item.steps += 1
 
-    def _values(self, tensors: list[torch.Tensor], full: bool = True) -> list[Any]:
-        """Exact copies of small tensors; summaries (or just norms) of large ones."""
+    def _values(self, tensors: list[torch.Tensor]) -> list[Any]:
+        """Exact copies of small tensors; for large ones only a batched norm.
+
+        Steps run in training loops: one pass per large tensor, not the eight
+        of full statistics.
+        """
         large = [t for t in tensors if not self.options.keeps_values(t)]
-        if full:
-            summaries = iter(stats.summaries(large))
-        else:
-            summaries = iter(
-                stats.TensorSummary(tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), n)
-                for t, n in zip(large, stats.norms(large))
-            )
+        summaries = iter(
+            stats.TensorSummary(tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), n)
+            for t, n in zip(large, stats.norms(large))
+        )
         return [
             stats.exact_copy(t) if self.options.keeps_values(t) else next(summaries)
             for t in tensors
