@@ -29,9 +29,10 @@ from .naming import Namer
 
 # Hyperparameters worth showing beside an optimizer's name, when set.
 HYPERPARAMETERS = ("lr", "momentum", "betas", "weight_decay")
-# Elements of large parameters copied to measure how far a step moved them;
-# past this budget only summaries are kept (no `‖Δ‖`), to bound memory.
-DELTA_BUDGET = 1 << 26
+# Elements of large parameters copied to measure how far a step moved them (`‖Δ‖`).
+# Past this budget (4 MiB of float32) only norms are kept: copying a whole large
+# model before every step would cost a tenth of the step and its size in memory.
+DELTA_BUDGET = 1 << 20
 NONLEAF_WARNING = "The .grad attribute of a Tensor that is not a leaf Tensor"
 
 

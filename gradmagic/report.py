@@ -430,9 +430,19 @@ class GradReport:
                     + "".join(f'<td style="{cell} {mono}">{esc(c)}</td>' for c in row)
                     + "</tr>"
                 )
+        unmeasured = any(
+            p.change is None and isinstance(p.after, stats.TensorSummary)
+            for steps in self.steps
+            for p in steps.params
+        )
+        note = (
+            '<div style="color:#6b7280">‖Δ‖ is measured for large parameters up to 1M '
+            "elements in all (a copy before the step); the others show their norms.</div>"
+        )
         return (
             f'<table class="gradmagic-steps" style="{TABLE_STYLE} margin: 8px 0 4px 0;">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            + (note if unmeasured else "")
         )
 
     def _flow_html(self) -> str:
