@@ -199,6 +199,7 @@ class Recorder:
         self._pending: list[torch.Tensor] = []
         self._adds_to_earlier: list[LeafRecord] = []
         self.findings: list[Any] = []
+        self.namer: Namer | None = None  # built once when the block closes
 
     # -- the engine wrapper's handler -------------------------------------------
     def handle(self, original: Any, args: tuple, kwargs: dict, frame: Any) -> Any:
@@ -398,7 +399,7 @@ class Recorder:
                 self._guard(probe.finish, self)
 
     def _finish(self) -> None:
-        namer = Namer(self.namespace)
+        namer = self.namer = Namer(self.namespace)
         self._add_expected(namer)
         self._complete_added()
         for rec in self.leaves:

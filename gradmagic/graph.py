@@ -16,6 +16,7 @@ upgrade that moves one loses a detail of the drawing, never the drawing.
 
 from __future__ import annotations
 
+import cmath
 import contextlib
 import functools
 import gc
@@ -258,17 +259,17 @@ def _saved_text(value: Any) -> str | None:
     return None
 
 
-def _values_text(t: torch.Tensor) -> str:
-    """Values in PyTorch's style, on one line: `[36., 81.]`.
-
-    Formatted from `.tolist()`: `repr(tensor)` costs about 0.2 ms a call, and
-    this runs inside the backward for every edge of a small graph.
-    """
-    values = t.tolist()
+def _flat(values: Any) -> list[Any]:
     flat = values if isinstance(values, list) else [values]
     while flat and isinstance(flat[0], list):
         flat = [v for row in flat for v in row]
-    floats = [v for v in flat if isinstance(v, float) and math.isfinite(v)]
+    return flat
+
+
+def _list_text(values: Any) -> str:
+    """`tolist()` output in PyTorch's style. `repr(tensor)` costs about 0.2 ms a call,
+    and this runs inside the backward for every edge of a small graph."""
+    floats = [v for v in _flat(values) if isinstance(v, float) and math.isfinite(v)]
     if floats and all(v.is_integer() for v in floats) and max(map(abs, floats)) < 1e8:
         fmt = "{:.0f}."
     elif floats and all(1e-4 <= abs(v) < 1e4 for v in floats if v):
@@ -278,7 +279,7 @@ def _values_text(t: torch.Tensor) -> str:
 
     def one(v: Any) -> str:
         if isinstance(v, list):
-            return "[" + ", ".join(one(x) for x in v) + "]"
+            return "[" + ", ".join([one(x) for x in v]) + "]"
         if isinstance(v, float):
             return fmt.format(v) if math.isfinite(v) else str(v)
         return str(v)
@@ -295,10 +296,14 @@ def _flow_label(grad: torch.Tensor, values: int) -> tuple[str, bool]:
         if g.layout != torch.strided:
             g = g.coalesce().values() if g.is_sparse else g.to_dense()
         if g.numel() <= values:
-            finite = (
-                bool(torch.isfinite(g).all()) if g.is_floating_point() or g.is_complex() else True
+            # One host copy; finiteness is read from the Python numbers.
+            listed = g.tolist()
+            finite = all(
+                cmath.isfinite(v) if isinstance(v, complex) else math.isfinite(v)
+                for v in _flat(listed)
+                if isinstance(v, (float, complex))
             )
-            return _values_text(g.cpu()), finite
+            return _list_text(listed), finite
         norm = float(torch.linalg.vector_norm(g))
         # A non-finite norm can be overflow of finite values: only then look closer.
         finite = math.isfinite(norm) or bool(torch.isfinite(g).all())

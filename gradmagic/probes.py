@@ -164,7 +164,7 @@ class OptimizerStepProbe:
 
     def finish(self, recorder: Any) -> None:
         """Name what stepped and measure how far it moved; drop every reference."""
-        namer = Namer(recorder.namespace)
+        namer = recorder.namer or Namer(recorder.namespace)
         row_names = {id(r.ref()): r.name for r in recorder.leaves if r.ref() is not None}
         for live in self._live.values():
             optimizer = live.ref()
