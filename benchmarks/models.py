@@ -224,5 +224,13 @@ BUILDERS = {"mlp": make_mlp, "resnet": make_resnet, "transformer": make_transfor
 TINY = {
     "mlp": {},
     "resnet": {"batch": 2, "image": 32, "width": 4, "layers": (1, 1), "num_classes": 10},
-    "transformer": {"batch": 2, "seq": 8, "vocab": 64, "d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32},
+    "transformer": {
+        "batch": 2,
+        "seq": 8,
+        "vocab": 64,
+        "d_model": 16,
+        "n_layers": 1,
+        "n_heads": 2,
+        "d_ff": 32,
+    },
 }

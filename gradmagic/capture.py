@@ -132,11 +132,16 @@ def _value_or_summary(t: torch.Tensor | None, options: Options) -> Any:
     return stats.summaries([t])[0]
 
 
-def _for_history(value: Any) -> Any:
-    """History keeps exact values of small tensors only: `--copies` must not pile up."""
-    if isinstance(value, torch.Tensor) and value.numel() > stats.DEFAULT_VALUES:
-        return stats.summaries([value])[0]
-    return value
+def _for_history(values: list[Any]) -> dict[int, Any]:
+    """Summaries, by id, of the large tensors among `values`, each summarised once.
+
+    History keeps exact values of small tensors only, so `--copies` does not
+    pile up a full copy per run.
+    """
+    large = {
+        id(v): v for v in values if isinstance(v, torch.Tensor) and v.numel() > stats.DEFAULT_VALUES
+    }
+    return dict(zip(large, stats.summaries(list(large.values()))))
 
 
 def _is_nonfinite(value: Any) -> bool:
@@ -211,19 +216,26 @@ class Recorder:
             return original(*args, **kwargs)
         self._depth += 1
         try:
-            record, flow = self._begin_safely(call, frame)
-            try:
-                with flow:
-                    result = original(*args, **kwargs)
-            except BaseException as exc:
-                if record is not None:
-                    record.error = f"{type(exc).__name__}: {exc}"
-                raise
-            if record is not None:
-                self._guard(self._end, record, call, result)
-            return result
+            with self.created_names.paused():
+                return self._record_call(original, args, kwargs, call, frame)
         finally:
             self._depth -= 1
+
+    def _record_call(
+        self, original: Any, args: tuple, kwargs: dict, call: _engine.EngineCall, frame: Any
+    ) -> Any:
+        __tracebackhide__ = True
+        record, flow = self._begin_safely(call, frame)
+        try:
+            with flow:
+                result = original(*args, **kwargs)
+        except BaseException as exc:
+            if record is not None:
+                record.error = f"{type(exc).__name__}: {exc}"
+            raise
+        if record is not None:
+            self._guard(self._end, record, call, result)
+        return result
 
     def _guard(self, fn: Any, *args: Any) -> Any:
         """Run bookkeeping so that a fault in gradmagic never breaks the user's backward."""
@@ -299,6 +311,14 @@ class Recorder:
 
         flow = FlowRecorder(snap, live, budget=self.options.flow_budget, values=self.options.values)
         return record, flow
+
+    def recorded_grad(self, leaf: torch.Tensor) -> Any:
+        """What the last backward recorded of `leaf.grad`, if that gradient is still current."""
+        rec = self._by_leaf.get(leaf)
+        grad = leaf.grad
+        if rec is None or grad is None or rec.after_ref is None or rec.after_ref() is not grad:
+            return None
+        return rec.after if grad._version == rec.after_version else None
 
     def _named_in_frame(self, tensor: torch.Tensor, name: str) -> None:
         rec = self._by_leaf.get(tensor)
@@ -393,10 +413,15 @@ class Recorder:
         if self.closed:
             return
         self.closed = True
-        self._guard(self._finish)
-        for probe in self.probes:
-            if hasattr(probe, "finish"):
-                self._guard(probe.finish, self)
+        with self.created_names.paused():
+            self._guard(self._finish)
+            for probe in self.probes:
+                if hasattr(probe, "finish"):
+                    self._guard(probe.finish, self)
+        # A recorder kept in a script's `rec` must not keep the user's tensors alive:
+        # what the rules read later (modules, optimizers, tensors) is held weakly.
+        if self.namespace is not None:
+            self.namespace = WeakNamespace(self.namespace)
 
     def _finish(self) -> None:
         namer = self.namer = Namer(self.namespace)
@@ -418,11 +443,15 @@ class Recorder:
             record._input_refs = []
         run = self.history.new_run() if self.leaves else self.history.cell_runs
         self.run_number = run
+        kept = [(rec, leaf) for rec in self.leaves if (leaf := rec.ref()) is not None]
+        kept = [(rec, leaf) for rec, leaf in kept if rec.status != "unchanged"]
+        for_history = _for_history(
+            [v for rec, _ in kept for v in (rec.before, rec.after, rec.added)]
+        )
+        for rec, leaf in kept:
+            values = [for_history.get(id(v), v) for v in (rec.before, rec.after, rec.added)]
+            self.history.record(leaf, RunEntry(run, *values, rec.status, rec.runs))
         for rec in self.leaves:
-            leaf = rec.ref()
-            if leaf is not None and rec.status != "unchanged":
-                values = [_for_history(v) for v in (rec.before, rec.after, rec.added)]
-                self.history.record(leaf, RunEntry(run, *values, rec.status, rec.runs))
             rec.before_copy = None
 
     def _name_graph(self, record: BackwardRecord, namer: Namer) -> None:
@@ -577,6 +606,30 @@ def _names_in_source(source: str | None) -> set[str]:
     except SyntaxError:
         return set(re.findall(r"[A-Za-z_]\w*", source))
     return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+class WeakNamespace(Mapping):
+    """The modules, optimizers and tensors of a namespace, through weak references."""
+
+    def __init__(self, namespace: Mapping[str, Any]) -> None:
+        kinds = (torch.Tensor, nn.Module, torch.optim.Optimizer)
+        self._refs = {
+            key: weakref.ref(value)
+            for key, value in list(namespace.items())
+            if isinstance(key, str) and isinstance(value, kinds)
+        }
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._refs[key]()
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, ref in list(self._refs.items()) if ref() is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class ModuleCalls:

@@ -287,6 +287,10 @@ def _list_text(values: Any) -> str:
     return one(values)
 
 
+# Gradients flowing along an edge above this many elements get no label (nor a NaN check).
+FLOW_NORM_LIMIT = 1 << 16
+
+
 def _flow_label(grad: torch.Tensor, values: int) -> tuple[str, bool]:
     """A short text for a gradient and whether it is all finite."""
     with torch.no_grad():
@@ -304,6 +308,10 @@ def _flow_label(grad: torch.Tensor, values: int) -> tuple[str, bool]:
                 if isinstance(v, (float, complex))
             )
             return _list_text(listed), finite
+        if g.numel() > FLOW_NORM_LIMIT:
+            # A CNN's activation gradients run to millions of elements on every
+            # edge: their norms would cost more than the rest of gradmagic.
+            return "", True
         norm = float(torch.linalg.vector_norm(g))
         # A non-finite norm can be overflow of finite values: only then look closer.
         finite = math.isfinite(norm) or bool(torch.isfinite(g).all())

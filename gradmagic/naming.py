@@ -8,9 +8,11 @@ locals of the frames that called backward. `fallback_name` covers the rest.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -194,6 +196,19 @@ class CreatedLeafNames:
                 if self.on_name is not None:
                     self.on_name(value, key)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Switch the hook off around gradmagic's own work: it would see every call
+        and C call there, and slow that work several times over."""
+        if not self._installed or sys.getprofile() != self._profile:
+            yield
+            return
+        sys.setprofile(None)
+        try:
+            yield
+        finally:
+            sys.setprofile(self._profile)
+
     def want(self, tensor: torch.Tensor) -> None:
         """Also name this tensor (a backward's root, such as `loss`) if a frame holds it."""
         self._wanted[tensor] = True
@@ -202,16 +217,12 @@ class CreatedLeafNames:
         return self.names.get(tensor)
 
     def __enter__(self) -> CreatedLeafNames:
-        import sys
-
         if sys.getprofile() is None:
             sys.setprofile(self._profile)
             self._installed = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import sys
-
         if self._installed and sys.getprofile() == self._profile:
             sys.setprofile(None)
         self._installed = False

@@ -100,6 +100,8 @@ class OptimizerStepProbe:
 
     def __init__(self, recorder: Any) -> None:
         self.options = recorder.options
+        self._quiet = recorder.created_names.paused
+        self._recorded_grad = recorder.recorded_grad
         self._live: dict[int, _LiveOptimizer] = {}
         self._handles: list[Any] = []
         self._copied = 0
@@ -117,6 +119,10 @@ class OptimizerStepProbe:
         self._handles = []
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        with self._quiet():
+            self._note_step(optimizer)
+
+    def _note_step(self, optimizer: Any) -> None:
         live = self._live.get(id(optimizer))
         if live is None or live.ref() is not optimizer:
             group = optimizer.param_groups[0] if optimizer.param_groups else {}
@@ -130,12 +136,16 @@ class OptimizerStepProbe:
         fresh = [p for p in stepping if id(p) not in live.params]
         for p, before in zip(fresh, self._values(fresh)):
             copy = None
-            if not self.options.keeps_values(p) and self._copied + p.numel() <= DELTA_BUDGET:
+            if not self._exact(p) and self._copied + p.numel() <= DELTA_BUDGET:
                 copy, self._copied = stats.exact_copy(p), self._copied + p.numel()
             live.params[id(p)] = _LiveParam(weakref.ref(p), before, copy)
         live.stepping = [live.params[id(p)] for p in stepping]
-        for item, grad in zip(live.stepping, self._values([p.grad for p in stepping])):
-            item.grad = grad
+        # The backward already measured these gradients: measure only the others.
+        grads = [self._recorded_grad(p) for p in stepping]
+        unknown = [p.grad for p, g in zip(stepping, grads) if g is None]
+        measured = iter(self._values(unknown))
+        for item, grad in zip(live.stepping, grads):
+            item.grad = grad if grad is not None else next(measured)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # Counted here, not before: a step that raised moved nothing.
@@ -146,21 +156,23 @@ class OptimizerStepProbe:
         for item in live.stepping:
             item.steps += 1
 
+    def _exact(self, t: torch.Tensor) -> bool:
+        # `--copies` is for gradients: parameters are copied exactly only when
+        # small, or every step would copy the whole model twice.
+        return t.numel() <= self.options.values
+
     def _values(self, tensors: list[torch.Tensor]) -> list[Any]:
         """Exact copies of small tensors; for large ones only a batched norm.
 
         Steps run in training loops: one pass per large tensor, not the eight
         of full statistics.
         """
-        large = [t for t in tensors if not self.options.keeps_values(t)]
+        large = [t for t in tensors if not self._exact(t)]
         summaries = iter(
             stats.TensorSummary(tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), n)
             for t, n in zip(large, stats.norms(large))
         )
-        return [
-            stats.exact_copy(t) if self.options.keeps_values(t) else next(summaries)
-            for t in tensors
-        ]
+        return [stats.exact_copy(t) if self._exact(t) else next(summaries) for t in tensors]
 
     def finish(self, recorder: Any) -> None:
         """Name what stepped and measure how far it moved; drop every reference."""
