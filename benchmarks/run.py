@@ -452,261 +452,6 @@ def bench_memory(shell: Any, cfg: Config, graph: bool) -> MemoryResult:
     return MemoryResult(held, grads, params, rss, leaks)
 
 
-# --- what-ifs: proposed fixes, applied in-process to measure them -------------------
-#
-# Nothing here is used unless `--what-if NAME` is given. Each entry patches
-# gradmagic in this process only, to show what a proposed fix would buy before
-# anyone changes gradmagic itself.
-
-
-def fast_summaries(tensors: Any) -> list[Any]:
-    """Proposed `stats.summaries`: the same `TensorSummary` with ~4 reads and no temporaries.
-
-    The current one allocates five full-size temporaries per tensor (`isfinite`,
-    `isnan`, `~finite`, `where` twice, `v == 0`) and sums bool tensors, which is
-    slow on CPU. Here: norms batched with `_foreach_norm`, then per tensor `sum`,
-    `std`, `aminmax` and `count_nonzero` (no temporaries), one `.tolist()`. (Not
-    std from sum and norm: that cancels for parameters, mean ≫ std; not
-    `std_mean`: several times slower than `std` on CPU.) A tensor whose norm, sum or
-    min/max is not finite (NaN/Inf somewhere) falls back to the current masked path.
-    """
-    import math
-
-    from gradmagic import stats
-
-    rows: list[Any] = [None] * len(tensors)
-    todo: list[tuple[int, torch.Tensor]] = []
-    with torch.no_grad():
-        for i, t in enumerate(tensors):
-            v = stats._statistics_view(t)
-            shape, dtype = tuple(t.shape), stats.dtype_name(t.dtype)
-            if v is None:
-                rows[i] = stats.TensorSummary(
-                    shape, dtype, t.numel(), math.nan, note="meta: no values"
-                )
-            elif v.numel() == 0:
-                rows[i] = stats.TensorSummary(shape, dtype, 0, 0.0, note="empty")
-            else:
-                todo.append((i, v))
-        groups: dict[tuple[Any, Any], list[tuple[int, torch.Tensor]]] = {}
-        for i, v in todo:
-            groups.setdefault((v.device, v.dtype), []).append((i, v))
-        slow: list[int] = []
-        for items in groups.values():
-            norms = torch._foreach_norm([v for _, v in items])
-            per = []
-            for (_, v), norm in zip(items, norms):
-                lo, hi = torch.aminmax(v)
-                nonzero = torch.count_nonzero(v).to(v.dtype)
-                std = v.std() if v.numel() > 1 else torch.zeros((), dtype=v.dtype)
-                per.append(torch.stack([norm, v.sum(), std, lo, hi, nonzero]).double())
-            table = torch.stack(per).tolist()
-            for (i, v), (nrm, total, std, lo, hi, nonzero) in zip(items, table):
-                t = tensors[i]
-                if not all(map(math.isfinite, (nrm, total, lo, hi))):
-                    slow.append(i)
-                    continue
-                n = v.numel()
-                rows[i] = stats.TensorSummary(
-                    tuple(t.shape),
-                    stats.dtype_name(t.dtype),
-                    t.numel(),
-                    nrm,
-                    total / n,
-                    std,
-                    lo,
-                    hi,
-                    0,
-                    0,
-                    (n - nonzero) / n,
-                    note="sparse" if t.is_sparse else "",
-                )
-        if slow:
-            for i, row in zip(slow, _ORIGINALS["summaries"]([tensors[i] for i in slow])):
-                rows[i] = row
-    return rows
-
-
-_ORIGINALS: dict[str, Any] = {}
-
-
-def _not_applicable(name: str, why: str) -> Any:
-    print(f"what-if {name}: not applied ({why})", file=sys.stderr)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _patched(owner: Any, attr: str, value: Any) -> Any:
-    original = getattr(owner, attr)
-    _ORIGINALS.setdefault(attr, original)
-    setattr(owner, attr, value)
-    try:
-        yield
-    finally:
-        setattr(owner, attr, original)
-
-
-def _what_if_fast_summaries() -> Any:
-    """`stats.summaries` without full-size temporaries (see `fast_summaries`)."""
-    from gradmagic import stats
-
-    return _patched(stats, "summaries", fast_summaries)
-
-
-def _what_if_no_delta() -> Any:
-    """The optimizer probe copies no large parameter (no exact `‖Δ‖` for them)."""
-    from gradmagic import probes
-
-    if not hasattr(probes, "DELTA_BUDGET"):
-        return _not_applicable("no-delta", "probes.DELTA_BUDGET is gone")
-
-    return _patched(probes, "DELTA_BUDGET", 0)
-
-
-def _what_if_no_created_names() -> Any:
-    """Without the profile hook that names leaves created inside helper functions
-    (its cost: a Python call per call/return/C-call event of everything that runs)."""
-    import gradmagic.capture as capture
-
-    class Inert(capture.CreatedLeafNames):  # type: ignore[misc, valid-type]
-        def __enter__(self) -> Any:
-            return self
-
-        def __exit__(self, *exc: Any) -> None:
-            return None
-
-    return _patched(capture, "CreatedLeafNames", Inert)
-
-
-def _what_if_param_norms_only() -> Any:
-    """The optimizer probe takes only batched norms of large parameters during the block
-    (full statistics, if wanted, deferred to `report()` like the gradients')."""
-    import inspect
-
-    from gradmagic import probes
-
-    original = probes.OptimizerStepProbe._values
-    if "full" not in inspect.signature(original).parameters:
-        return _not_applicable("param-norms-only", "the probe already takes norms only")
-
-    def _values(self: Any, tensors: list[Any], full: bool = True) -> list[Any]:
-        return original(self, tensors, full=False)
-
-    return _patched(probes.OptimizerStepProbe, "_values", _values)
-
-
-def _what_if_quiet_internals() -> Any:
-    """gradmagic's own work (engine handler, graph hooks, optimizer hooks, close) runs with
-    the naming profile hook suspended: the hook then sees only the user's code."""
-    import contextlib as _contextlib
-    import functools
-
-    import gradmagic.capture as capture
-    import gradmagic.probes as probes
-
-    graph_module = sys.modules["gradmagic.graph"]
-    targets = [
-        (capture.Recorder, "handle"),
-        (capture.Recorder, "close"),
-        (probes.OptimizerStepProbe, "_before_step"),
-        (probes.OptimizerStepProbe, "_after_step"),
-        (getattr(graph_module, "FlowRecorder", None), "_record"),
-    ]
-    stack = _contextlib.ExitStack()
-    for owner, attr in targets:
-        fn = getattr(owner, attr, None) if owner is not None else None
-        if fn is None:
-            continue
-
-        def make(fn: Any) -> Any:
-            @functools.wraps(fn)
-            def quiet(*args: Any, **kwargs: Any) -> Any:
-                previous = sys.getprofile()
-                sys.setprofile(None)
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    sys.setprofile(previous)
-
-            return quiet
-
-        stack.enter_context(_patched(owner, attr, make(fn)))
-    return stack
-
-
-def _what_if_trace_not_profile() -> Any:
-    """CreatedLeafNames on `sys.settrace` instead of `sys.setprofile`: called on Python
-    calls only (no C-call events: every torch op is one), returns no local tracer for
-    library frames, and `f_trace_lines = False` for the user's frames, whose return
-    event goes to the same `_profile` as today."""
-    import gradmagic.naming as naming
-
-    cls = naming.CreatedLeafNames
-    if not hasattr(cls, "_profile") or not hasattr(cls, "_is_user"):
-        return _not_applicable("trace-not-profile", "CreatedLeafNames changed shape")
-
-    def __enter__(self: Any) -> Any:
-        if sys.gettrace() is not None or sys.getprofile() is not None:
-            return self
-
-        def local(frame: Any, event: str, arg: Any) -> Any:
-            if event == "return":
-                self._profile(frame, event, arg)
-            return local
-
-        def global_(frame: Any, event: str, arg: Any) -> Any:
-            if not self._is_user(frame.f_code):
-                return None
-            frame.f_trace_lines = False
-            return local
-
-        self._tracer = global_
-        sys.settrace(global_)
-        self._installed = True
-        return self
-
-    def __exit__(self: Any, *exc: Any) -> None:
-        if getattr(self, "_installed", False) and sys.gettrace() is getattr(self, "_tracer", None):
-            sys.settrace(None)
-        self._installed = False
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(_patched(cls, "__enter__", __enter__))
-    stack.enter_context(_patched(cls, "__exit__", __exit__))
-    return stack
-
-
-FLOW_ELEMENT_CAP = 1 << 16
-
-
-def _what_if_flow_element_cap() -> Any:
-    """FlowRecorder labels a gradient of more than 65,536 elements with nothing instead
-    of its norm: on a CNN the per-edge `vector_norm` re-reads every activation
-    gradient (ResNet-18 at batch 16: 72 edges, up to 4M elements each)."""
-    graph_module = sys.modules["gradmagic.graph"]
-    original = getattr(graph_module, "_flow_label", None)
-    if original is None:
-        return _not_applicable("flow-element-cap", "graph.py has no _flow_label")
-
-    def _flow_label(grad: torch.Tensor, values: int) -> tuple[str, bool]:
-        if grad.numel() > FLOW_ELEMENT_CAP:
-            return "", True
-        return original(grad, values)
-
-    return _patched(graph_module, "_flow_label", _flow_label)
-
-
-WHAT_IFS: dict[str, Callable[[], Any]] = {
-    "flow-element-cap": _what_if_flow_element_cap,
-    "quiet-internals": _what_if_quiet_internals,
-    "trace-not-profile": _what_if_trace_not_profile,
-    "fast-summaries": _what_if_fast_summaries,
-    "param-norms-only": _what_if_param_norms_only,
-    "no-delta": _what_if_no_delta,
-    "no-created-names": _what_if_no_created_names,
-}
-
-
 # --- profile ---------------------------------------------------------------------
 
 
@@ -739,7 +484,7 @@ def profile(key: str, cfg: Config, graph: bool, steps: int, copies: bool) -> str
 # Functions timed by `--breakdown` ("module:Qualified.name"); missing ones are skipped.
 # Not the per-event hooks (the naming profile hook, module hooks): a timer around a
 # function called tens of thousands of times a step would measure mostly itself; their
-# cost shows in the step benchmark with `--what-if no-created-names`.
+# cost shows in the step benchmark as the difference from the sum of the rest.
 BREAKDOWN_TARGETS = (
     "gradmagic.capture:Recorder.handle",
     "gradmagic.capture:Recorder._begin",
@@ -1168,21 +913,11 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--copies", action="store_true", help="With --profile/--breakdown.")
     parser.add_argument("--steps", type=int, default=5, help="With --profile/--breakdown.")
-    parser.add_argument(
-        "--what-if",
-        nargs="*",
-        default=[],
-        choices=list(WHAT_IFS),
-        help="Apply a proposed fix to gradmagic in this process (measurement only).",
-    )
     args = parser.parse_args(argv)
 
     cfg = SMOKE if args.smoke else QUICK if args.quick else FULL
     graph = import_gradmagic() and not args.no_graph
-    with contextlib.ExitStack() as patches:
-        for name in args.what_if:
-            patches.enter_context(WHAT_IFS[name]())
-        return _main(args, cfg, graph)
+    return _main(args, cfg, graph)
 
 
 def _main(args: argparse.Namespace, cfg: Config, graph: bool) -> str:
@@ -1196,8 +931,6 @@ def _main(args: argparse.Namespace, cfg: Config, graph: bool) -> str:
     sections = set(args.only or ("steps", "cells", "graph", "memory"))
     keys = args.models or ["mlp", "resnet", "transformer"]
     info = machine()
-    if args.what_if:
-        info["what-if patches"] = ", ".join(args.what_if)
     print(" · ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     if not graph:
         print("graph=False for every watched run (gradmagic/graph.py missing or --no-graph)")

@@ -305,8 +305,6 @@ class Recorder:
         if not self.options.graph:
             return record, nullcontext()
         record.graph = snap
-        if snap.n_ops > self.options.flow_budget:
-            return record, nullcontext()
         from .graph import FlowRecorder
 
         flow = FlowRecorder(snap, live, budget=self.options.flow_budget, values=self.options.values)
@@ -582,6 +580,10 @@ class Recorder:
 
             self.close()
             self._guard(self.complete_summaries)
+            if self.optimizer_steps:
+                from .probes import complete_norms
+
+                self._guard(complete_norms, self.optimizer_steps)
             self.findings = self._guard(findings_for, self) or []
             # The namespace holds the user's tensors: a recorder kept around must not.
             self.namespace = None

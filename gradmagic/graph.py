@@ -98,6 +98,7 @@ class GraphSnapshot:
     signature: str
     structure: str
     n_ops: int
+    flow_elements: int = 0  # elements of all the gradients the backward will pass along
     edge_flow: dict[tuple[int, int, int], str] = field(default_factory=dict)
     flow_nonfinite_nodes: list[int] = field(default_factory=list)  # in execution order
     modules: list[ModuleCall] = field(default_factory=list)
@@ -147,6 +148,13 @@ def _input_shapes(node: Any) -> list[str]:
         return [_shape_text(meta.shape) for meta in node._input_metadata]
     except Exception:  # noqa: BLE001 - nested tensors and older torch: edges go unlabelled
         return []
+
+
+def _input_elements(node: Any) -> int:
+    try:
+        return sum(math.prod(meta.shape) for meta in node._input_metadata)
+    except Exception:  # noqa: BLE001 - unknown sizes count as none
+        return 0
 
 
 def _next_functions(node: Any) -> tuple:
@@ -287,8 +295,10 @@ def _list_text(values: Any) -> str:
     return one(values)
 
 
-# Gradients flowing along an edge above this many elements get no label (nor a NaN check).
-FLOW_NORM_LIMIT = 1 << 16
+# Flow is recorded only when the gradients of the whole backward hold at most this
+# many elements: a CNN's activation gradients run to millions on every edge, and
+# their norms would cost more than the rest of gradmagic.
+FLOW_ELEMENTS = 1 << 20
 
 
 def _flow_label(grad: torch.Tensor, values: int) -> tuple[str, bool]:
@@ -308,10 +318,6 @@ def _flow_label(grad: torch.Tensor, values: int) -> tuple[str, bool]:
                 if isinstance(v, (float, complex))
             )
             return _list_text(listed), finite
-        if g.numel() > FLOW_NORM_LIMIT:
-            # A CNN's activation gradients run to millions of elements on every
-            # edge: their norms would cost more than the rest of gradmagic.
-            return "", True
         norm = float(torch.linalg.vector_norm(g))
         # A non-finite norm can be overflow of finite values: only then look closer.
         finite = math.isfinite(norm) or bool(torch.isfinite(g).all())
@@ -349,6 +355,7 @@ class _Walk:
         # walk, so an id() cannot be reused by another node.
         self.ids: dict[int, int] = {}
         self.in_shapes: list[list[str]] = []
+        self.flow_elements = 0
         self.stack: list[int] = []
         self.roots: list[int] = []
         self.input_leaves = {
@@ -379,6 +386,8 @@ class _Walk:
         self.live[nid] = node
         self.nodes.append(self.describe(nid, node))
         self.in_shapes.append([] if self.light else _input_shapes(node))
+        if not self.light:
+            self.flow_elements += _input_elements(node)
         self.stack.append(nid)
         return nid
 
@@ -429,6 +438,7 @@ class _Walk:
             signature=same_graph.hexdigest(),
             structure=same_shape.hexdigest(),
             n_ops=sum(n.kind == "op" for n in self.nodes),
+            flow_elements=self.flow_elements,
         )
 
 
@@ -530,7 +540,8 @@ def snapshot(
 class FlowRecorder:
     """While active, note the gradient that flows along each edge of a small graph.
 
-    Hooks the op nodes of `snap` (graphs of at most `budget` ops) and writes short
+    Hooks the op nodes of `snap` (graphs of at most `budget` ops whose gradients
+    hold at most `FLOW_ELEMENTS` elements in all) and writes short
     labels into `snap.edge_flow`: the values for gradients of at most `values`
     elements, else the norm. Nodes whose gradients came out non-finite go into
     `snap.flow_nonfinite_nodes`, in the order the engine ran them. Hooks change no
@@ -549,7 +560,7 @@ class FlowRecorder:
 
     def __enter__(self) -> FlowRecorder:
         live, self._live = self._live, None  # hooks need the nodes once; never keep them
-        if not live or self.snap.n_ops > self.budget:
+        if not live or self.snap.n_ops > self.budget or self.snap.flow_elements > FLOW_ELEMENTS:
             return self
         for e in self.snap.edges:
             self._sources.setdefault(e.dst, {})[e.slot] = e.src

@@ -43,6 +43,8 @@ class ParamStep:
     `before` is its value before the first step, `after` after the last, each a
     copy (small tensors) or a `TensorSummary`; `grad` is `.grad` at the last
     step; `change` is `after - before` (small) or the norm of that difference.
+    A large parameter past the copy budget has no `before` or `change`, and its
+    `after` norm is read when the report is built (`complete_norms`).
     """
 
     name: str
@@ -52,6 +54,7 @@ class ParamStep:
     after: Any
     change: Any
     steps: int
+    ref: Any = field(default=None, repr=False)  # weak, until the report reads its norm
 
 
 @dataclass
@@ -134,11 +137,19 @@ class OptimizerStepProbe:
             p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
         ]
         fresh = [p for p in stepping if id(p) not in live.params]
-        for p, before in zip(fresh, self._values(fresh)):
+        # A large parameter is read before the step only to measure how far the step
+        # moves it, within the copy budget: a pass over a whole model per step is
+        # what watching must not cost.
+        measured = []
+        for p in fresh:
             copy = None
             if not self._exact(p) and self._copied + p.numel() <= DELTA_BUDGET:
                 copy, self._copied = stats.exact_copy(p), self._copied + p.numel()
-            live.params[id(p)] = _LiveParam(weakref.ref(p), before, copy)
+            if self._exact(p) or copy is not None:
+                measured.append(p)
+            live.params[id(p)] = _LiveParam(weakref.ref(p), None, copy)
+        for p, before in zip(measured, self._values(measured)):
+            live.params[id(p)].before = before
         live.stepping = [live.params[id(p)] for p in stepping]
         # The backward already measured these gradients: measure only the others.
         grads = [self._recorded_grad(p) for p in stepping]
@@ -182,7 +193,9 @@ class OptimizerStepProbe:
             optimizer = live.ref()
             items = [(item, item.ref()) for item in live.params.values()]
             items = [(item, p) for item, p in items if p is not None]
-            afters = self._values([p for _, p in items])
+            now = [p for item, p in items if item.before is not None]
+            afters_now = iter(self._values(now))
+            afters = [next(afters_now) if item.before is not None else None for item, _ in items]
             moved = [(item, p) for item, p in items if item.first_copy is not None]
             norms = iter(stats.norms([p.detach() - item.first_copy for item, p in moved]))
             params = []
@@ -192,9 +205,10 @@ class OptimizerStepProbe:
                 else:
                     change = next(norms) if item.first_copy is not None else None
                 name = row_names.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
+                ref = weakref.ref(p) if after is None else None
                 params.append(
                     ParamStep(
-                        name, tuple(p.shape), item.grad, item.before, after, change, item.steps
+                        name, tuple(p.shape), item.grad, item.before, after, change, item.steps, ref
                     )
                 )
             recorder.optimizer_steps.append(
@@ -207,6 +221,21 @@ class OptimizerStepProbe:
                 )
             )
         self._live = {}
+
+
+def complete_norms(steps: list[OptimizerSteps]) -> None:
+    """Norms of the large parameters that were not measured during the block."""
+    pending = [
+        (p, t) for step in steps for p in step.params if p.ref and (t := p.ref()) is not None
+    ]
+    tensors = [t.detach() for _, t in pending]
+    for (param, t), norm in zip(pending, stats.norms(tensors)):
+        param.after = stats.TensorSummary(
+            tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), norm
+        )
+    for step in steps:
+        for param in step.params:
+            param.ref = None
 
 
 def _variable_name(namespace: Any, obj: Any) -> str | None:

@@ -142,7 +142,7 @@ def summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
                 rows[i] = TensorSummary(shape, dtype, 0, 0.0, note="empty")
             else:
                 todo.setdefault((v.device, v.dtype), []).append((i, v))
-        nonfinite: list[int] = []
+        nonfinite: list[tuple[int, torch.Tensor]] = []
         for items in todo.values():
             norms = torch._foreach_norm([v for _, v in items])
             per = []
@@ -154,7 +154,7 @@ def summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
             table = torch.stack(per).tolist()
             for (i, v), (nrm, total, std, lo, hi, nonzero) in zip(items, table):
                 if not all(map(math.isfinite, (nrm, total, lo, hi))):
-                    nonfinite.append(i)
+                    nonfinite.append((i, v))
                     continue
                 t, n = tensors[i], v.numel()
                 rows[i] = TensorSummary(
@@ -171,25 +171,19 @@ def summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
                     (n - nonzero) / n,
                     note="sparse" if t.is_sparse else "",
                 )
-    for i, row in zip(nonfinite, _masked_summaries([tensors[i] for i in nonfinite])):
+    masked = _masked_summaries([(tensors[i], v) for i, v in nonfinite])
+    for (i, _), row in zip(nonfinite, masked):
         rows[i] = row
     return rows  # type: ignore[return-value]
 
 
-def _masked_summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
-    """Statistics of tensors that hold NaN or Inf: counts them, and skips them in the rest."""
-    rows: list[TensorSummary | None] = [None] * len(tensors)
+def _masked_summaries(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[TensorSummary]:
+    """Statistics of (tensor, statistics view) pairs holding NaN or Inf: counts them,
+    and leaves them out of the rest."""
+    rows: list[TensorSummary | None] = [None] * len(pairs)
     stacks: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     with torch.no_grad():
-        for i, t in enumerate(tensors):
-            v = _statistics_view(t)
-            shape, dtype = tuple(t.shape), dtype_name(t.dtype)
-            if v is None:
-                rows[i] = TensorSummary(shape, dtype, t.numel(), math.nan, note="meta: no values")
-                continue
-            if v.numel() == 0:
-                rows[i] = TensorSummary(shape, dtype, 0, 0.0, note="empty")
-                continue
+        for i, (_, v) in enumerate(pairs):
             finite = torch.isfinite(v)
             nan = torch.isnan(v).sum()
             inf = (~finite).sum() - nan
@@ -210,7 +204,7 @@ def _masked_summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
         for items in stacks.values():
             table = torch.stack([s for _, s in items]).tolist()
             for (i, _), (nrm, mean, std, lo, hi, nan, inf, zeros) in zip(items, table):
-                t = tensors[i]
+                t = pairs[i][0]
                 rows[i] = TensorSummary(
                     tuple(t.shape),
                     dtype_name(t.dtype),

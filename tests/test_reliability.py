@@ -235,3 +235,57 @@ def test_cuda_gradients_are_bit_identical():
         return [p.grad.clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(step(False), step(True)))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+def test_two_hundred_runs_of_a_training_cell_keep_memory_flat(ip):
+    ip.run(
+        "from torch import nn\nimport weakref\n"
+        "model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+        "x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))\n"
+        "acts = []\n"
+    )
+    cell = (
+        "%%grad -q\nopt.zero_grad()\nh = model(x)\nacts.append(weakref.ref(h))\n"
+        "loss = nn.functional.cross_entropy(h, y)\nloss.backward()\nopt.step()\n"
+    )
+    for _ in range(20):  # warm up allocator and caches
+        ip.run(cell)
+    gc.collect()
+    start = _rss_bytes()
+    for _ in range(200):
+        ip.run(cell)
+    gc.collect()
+    grown = _rss_bytes() - start
+    assert grown < 16 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 200 runs"
+    refs = [weakref.ref(p) for p in ip.ns["model"].parameters()]
+    ip.run("del model, opt, h, loss, x, y")
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    # Every activation but the last one the namespace held is gone.
+    assert sum(ref() is not None for ref in ip.ns["acts"]) == 0
+
+
+@pytest.mark.slow
+def test_a_100000_op_graph_under_watch_is_reported_in_bounded_time():
+    x = torch.ones(3, requires_grad=True)
+    start = time.perf_counter()
+    with gradmagic.watch({"x": x}) as rec:
+        y = x
+        for _ in range(100_000):
+            y = y * 1.0
+        y.sum().backward()
+    rep = rec.report()
+    html = rep._repr_html_()
+    elapsed = time.perf_counter() - start
+    assert torch.equal(rep.table.loc["x", "after"], torch.ones(3))
+    assert "ops folded" in rep.graph.source and "<svg" in html
+    assert elapsed < 60, elapsed
+    del y
+    gc.collect()
