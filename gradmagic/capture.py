@@ -642,7 +642,7 @@ class ModuleCalls:
         self._handle: Any = None
 
     def _note(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._called[module] = True
 
     def __contains__(self, module: object) -> bool:
@@ -724,8 +724,8 @@ def watch(
     )
     recorder = Recorder(namespace, source, history, options)
     entered: list[Any] = []
+    _engine.install(_dispatch)  # reference counted: undone once in `finally`
     try:
-        _engine.install(_dispatch)
         _active.append(recorder)
         for probe in recorder.probes:
             probe.__enter__()

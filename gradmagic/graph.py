@@ -663,6 +663,10 @@ class ModuleSpans:
     def _enter_call(self, module: nn.Module, args: Any) -> None:
         # Sequence numbers count per thread: calls from other threads are not ours. A long
         # training loop under one ModuleSpans stops being recorded past _MAX_SPANS calls.
+        # Under torch.compile tracing the hook does nothing, so Dynamo never meets its
+        # untraceable calls (a graph break and a warning for the user otherwise).
+        if torch.compiler.is_compiling():
+            return None
         if threading.get_ident() != self._thread or self._counter is None:
             return None
         if len(self._spans) >= _MAX_SPANS:
@@ -674,6 +678,8 @@ class ModuleSpans:
         return None
 
     def _exit_call(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return None
         if threading.get_ident() != self._thread or self._counter is None:
             return None
         end = self._counter()

@@ -245,6 +245,26 @@ def _variable_name(namespace: Any, obj: Any) -> str | None:
     return None
 
 
+COMPILE_HOOKS_WARNING = "Using `torch.compile(module)` when there are global hooks on modules"
+
+
+def _about_our_module_hooks(text: str) -> bool:
+    """torch.compile's warning about global module hooks, when the only ones are gradmagic's.
+
+    The user did not register them and would not see it without gradmagic; the hooks
+    do nothing while Dynamo traces.
+    """
+    if not text.startswith(COMPILE_HOOKS_WARNING):
+        return False
+    from torch.nn.modules import module as module_hooks
+
+    hooks = [
+        *module_hooks._global_forward_hooks.values(),
+        *module_hooks._global_forward_pre_hooks.values(),
+    ]
+    return all(getattr(h, "__module__", "").startswith("gradmagic.") for h in hooks)
+
+
 class WarningProbe:
     """Sees every warning shown during the block and passes it on unchanged.
 
@@ -261,6 +281,8 @@ class WarningProbe:
 
     def _show(self, message: Any) -> Any:
         if self._active:
+            if _about_our_module_hooks(str(message.message)):
+                return None
             self.shown.append((str(message.message), message.filename, message.lineno))
         return self._original(message)
 

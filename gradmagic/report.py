@@ -16,6 +16,7 @@ from typing import Any
 from . import stats
 from .diagnostics import Finding
 from .plot import gradient_flow
+from .probes import DELTA_BUDGET
 
 # Jupyter's page CSS makes tables fixed-layout with right-aligned, wrapping cells;
 # inline styles win over it (the report's container scrolls sideways instead).
@@ -436,8 +437,9 @@ class GradReport:
             for p in steps.params
         )
         note = (
-            '<div style="color:#6b7280">‖Δ‖ is measured for large parameters up to 1M '
-            "elements in all (a copy before the step); the others show their norms.</div>"
+            f'<div style="color:#6b7280">‖Δ‖ is measured for large parameters up to '
+            f"{DELTA_BUDGET:,} elements in all (a copy before the step); the others show "
+            "their norms after it.</div>"
         )
         return (
             f'<table class="gradmagic-steps" style="{TABLE_STYLE} margin: 8px 0 4px 0;">'

@@ -266,3 +266,20 @@ def test_torch_compile_inductor_is_identical_when_it_compiles_here():
     except Exception as exc:  # noqa: BLE001 - no working C++ toolchain for inductor here
         pytest.skip(f"inductor does not compile on this machine: {type(exc).__name__}")
     assert _same(plain, _run(step, True))
+
+
+def test_torch_compile_under_watch_shows_no_warning_of_gradmagics_making():
+    import warnings
+
+    def compiled_step():
+        torch._dynamo.reset()
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        torch.compile(model, backend="aot_eager")(torch.randn(5, 4)).sum().backward()
+
+    def messages(watching: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _run(compiled_step, watching)
+        return sorted({str(w.message) for w in seen})
+
+    assert messages(True) == messages(False)
