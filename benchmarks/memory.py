@@ -403,9 +403,7 @@ def _leak_check_watch(runs: int, report: bool, copies: bool) -> dict:
 
 def main(argv: list[str]) -> None:
     if len(argv) >= 4 and argv[0] == "rss":
-        from run import import_gradmagic
-
-        graph = import_gradmagic() and (len(argv) < 6 or argv[5] == "graph")
+        graph = len(argv) < 6 or argv[5] == "graph"
         sizes = json.loads(argv[4]) if len(argv) > 4 else None
         print(json.dumps(peak_rss_here(argv[1], argv[2], int(argv[3]), sizes, graph)))
         return

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,31 +104,6 @@ SMOKE = Config(
 
 
 # --- importing gradmagic ------------------------------------------------------
-
-
-def import_gradmagic() -> bool:
-    """Import gradmagic; True if its graph module exists (else benchmark with graph=False).
-
-    While `gradmagic/graph.py` is being written, a placeholder module lets the
-    package import; every benchmark then runs with `graph=False` and says so.
-    """
-    if importlib.util.find_spec("gradmagic.graph") is not None:
-        import gradmagic  # noqa: F401
-
-        return True
-    if "gradmagic.graph" not in sys.modules:
-        stub = types.ModuleType("gradmagic.graph")
-        stub.__doc__ = "benchmarks/run.py placeholder: gradmagic/graph.py is missing"
-
-        def graph(*args: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("gradmagic/graph.py is missing")
-
-        stub.graph = graph  # type: ignore[attr-defined]
-        stub.GRADMAGIC_BENCH_PLACEHOLDER = True  # type: ignore[attr-defined]
-        sys.modules["gradmagic.graph"] = stub
-    import gradmagic  # noqa: F401
-
-    return False
 
 
 # --- timing -------------------------------------------------------------------
@@ -916,7 +890,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     cfg = SMOKE if args.smoke else QUICK if args.quick else FULL
-    graph = import_gradmagic() and not args.no_graph
+    graph = not args.no_graph
     return _main(args, cfg, graph)
 
 
@@ -933,7 +907,7 @@ def _main(args: argparse.Namespace, cfg: Config, graph: bool) -> str:
     info = machine()
     print(" · ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     if not graph:
-        print("graph=False for every watched run (gradmagic/graph.py missing or --no-graph)")
+        print("graph=False for every watched run (--no-graph)")
 
     steps: dict[str, StepResult] = {}
     if "steps" in sections:

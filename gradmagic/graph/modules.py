@@ -1,0 +1,203 @@
+"""`ModuleSpans`: which `nn.Module` call created each op of a graph."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .snapshot import GraphSnapshot, ModuleCall, _sequence_counter
+
+# --- modules --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Span:
+    module: weakref.ref
+    cls: str
+    start: int
+    end: int | None
+    parent: int | None
+
+
+_MAX_SPANS = 200_000
+
+
+class ModuleSpans:
+    """While active, record which autograd sequence numbers each module call created.
+
+    >>> with ModuleSpans() as spans:
+    ...     loss = model(x).sum()
+    >>> snap, _ = snapshot([loss], leaf_key=key)
+    >>> spans.assign(snap, module_name=names.get)
+
+    Holds modules through weak references only; the global hooks are removed on exit.
+    """
+
+    def __init__(self) -> None:
+        self._spans: list[_Span] = []
+        self._open: list[int] = []
+        self._handles: list[Any] = []
+        self._counter = _sequence_counter()
+        self._thread = threading.get_ident()
+
+    def __enter__(self) -> ModuleSpans:
+        if self._counter is None:
+            return self  # this torch has no sequence counter: nothing is grouped
+        self._thread = threading.get_ident()
+        hooks = nn.modules.module
+        self._handles.append(hooks.register_module_forward_pre_hook(self._enter_call))
+        try:
+            # always_call: a forward that raises still closes its span.
+            post = hooks.register_module_forward_hook(self._exit_call, always_call=True)
+        except BaseException:
+            self._remove()
+            raise
+        self._handles.append(post)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+        if self._counter is not None:
+            for i in self._open:
+                self._spans[i].end = self._counter()
+        self._open.clear()
+
+    def _remove(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def _enter_call(self, module: nn.Module, args: Any) -> None:
+        # Sequence numbers count per thread: calls from other threads are not ours. A long
+        # training loop under one ModuleSpans stops being recorded past _MAX_SPANS calls.
+        # Under torch.compile tracing the hook does nothing, so Dynamo never meets its
+        # untraceable calls (a graph break and a warning for the user otherwise).
+        if torch.compiler.is_compiling():
+            return None
+        if threading.get_ident() != self._thread or self._counter is None:
+            return None
+        if len(self._spans) >= _MAX_SPANS:
+            return None
+        parent = self._open[-1] if self._open else None
+        span = _Span(weakref.ref(module), type(module).__name__, self._counter(), None, parent)
+        self._spans.append(span)
+        self._open.append(len(self._spans) - 1)
+        return None
+
+    def _exit_call(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return None
+        if threading.get_ident() != self._thread or self._counter is None:
+            return None
+        end = self._counter()
+        for k in range(len(self._open) - 1, -1, -1):
+            if self._spans[self._open[k]].module() is module:
+                for i in self._open[k:]:  # inner calls that never closed end here too
+                    self._spans[i].end = end
+                del self._open[k:]
+                break
+        return None  # a forward hook that returns something replaces the output
+
+    def assign(
+        self,
+        snap: GraphSnapshot,
+        module_name: Callable[[nn.Module], str | None] | None = None,
+    ) -> None:
+        """Fill `snap.modules` and each node's innermost module call.
+
+        Ops belong to the innermost call whose sequence range holds theirs;
+        leaves to the innermost call holding every op that consumes them.
+        `module_name` names a module (`encoder`); calls it cannot name are
+        named from their parent's `named_modules()`.
+        """
+        names = self._names(module_name)
+        ops = sorted((n.seq, n.id) for n in snap.nodes if n.kind == "op" and n.seq is not None)
+        owner = _innermost(self._spans, ops)
+        used: set[int] = set()
+        for span in owner.values():
+            while span is not None and span not in used:
+                used.add(span)
+                span = self._spans[span].parent
+        index = {span: i for i, span in enumerate(sorted(used))}
+        snap.modules = []
+        for span in sorted(used):
+            s = self._spans[span]
+            parent = index.get(s.parent) if s.parent is not None else None
+            depth = 0 if parent is None else snap.modules[parent].depth + 1
+            snap.modules.append(ModuleCall(names[span], s.cls, parent, depth))
+        for nid, span in owner.items():
+            snap.nodes[nid].module = index[span]
+        _assign_leaves_by_consumers(snap)
+
+    def _names(self, module_name: Callable[[nn.Module], str | None] | None) -> list[str]:
+        names: list[str] = []
+        inside: dict[int, dict[int, str]] = {}  # span -> id(submodule) -> relative name
+        for span in self._spans:
+            module = span.module()
+            name = module_name(module) if module is not None and module_name else None
+            if not name and module is not None and span.parent is not None:
+                parent = self._spans[span.parent].module()
+                if parent is not None:
+                    if span.parent not in inside:
+                        inside[span.parent] = {}
+                        for rel, sub in parent.named_modules(remove_duplicate=False):
+                            inside[span.parent].setdefault(id(sub), rel)
+                    rel = inside[span.parent].get(id(module))
+                    if rel:
+                        prefix = names[span.parent]
+                        name = f"{prefix}.{rel}" if prefix else rel
+            names.append(name or "")
+        return names
+
+
+def _innermost(spans: list[_Span], ops: list[tuple[int, int]]) -> dict[int, int]:
+    """node id -> innermost span holding its sequence number (`ops` sorted by number)."""
+    order = sorted(
+        (i for i, s in enumerate(spans) if s.end is not None and s.end > s.start),
+        key=lambda i: (spans[i].start, i),
+    )
+    owner: dict[int, int] = {}
+    open_spans: list[int] = []
+    k = 0
+    for seq, nid in ops:
+        while k < len(order) and spans[order[k]].start <= seq:
+            open_spans.append(order[k])
+            k += 1
+        while open_spans and spans[open_spans[-1]].end <= seq:  # type: ignore[operator]
+            open_spans.pop()
+        if open_spans:
+            owner[nid] = open_spans[-1]
+    return owner
+
+
+def _chain(snap: GraphSnapshot, call: int | None) -> list[int]:
+    """Calls from the outermost down to `call`."""
+    chain = []
+    while call is not None:
+        chain.append(call)
+        call = snap.modules[call].parent
+    return chain[::-1]
+
+
+def _assign_leaves_by_consumers(snap: GraphSnapshot) -> None:
+    consumers: dict[int, list[int | None]] = {}
+    for e in snap.edges:
+        if snap.nodes[e.src].kind == "leaf":
+            consumers.setdefault(e.src, []).append(snap.nodes[e.dst].module)
+    for leaf, homes in consumers.items():
+        if any(h is None for h in homes):
+            continue
+        common = _chain(snap, homes[0])
+        for home in homes[1:]:
+            other = _chain(snap, home)
+            n = 0
+            while n < min(len(common), len(other)) and common[n] == other[n]:
+                n += 1
+            common = common[:n]
+        snap.nodes[leaf].module = common[-1] if common else None
