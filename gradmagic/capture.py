@@ -34,8 +34,6 @@ from . import _engine, stats
 from .history import History, RunEntry, default_history
 from .naming import CreatedLeafNames, Namer, fallback_name, unique
 
-STATUSES = ("nan/inf", "accumulated", "new", "none", "unchanged")
-
 
 @dataclass
 class Options:
@@ -84,7 +82,6 @@ class BackwardRecord:
     results: list[Any] | None = None  # what torch.autograd.grad returned
     graph: Any = None  # graph.GraphSnapshot when recorded
     _root_refs: list[Any] = field(default_factory=list, repr=False)
-    _input_refs: list[Any] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         extra = f", gradient={self.gradient}" if self.gradient is not None else ""
@@ -120,7 +117,6 @@ class LeafRecord:
     added: Any = None
     status: str = ""
     runs: int = 0
-    is_parameter: bool = False
     order: int = 0
 
 
@@ -298,7 +294,6 @@ class Recorder:
             inputs=["" for _ in records] if call.inputs else None,
             leaf_keys=[rec.key for rec in records],
             _root_refs=[weakref.ref(t) for t in roots],
-            _input_refs=[weakref.ref(t) for t in call.inputs if isinstance(t, torch.Tensor)],
         )
         self.records.append(record)
         self._pending = leaves if call.accumulate_grad else []
@@ -338,7 +333,6 @@ class Recorder:
             device=str(leaf.device),
             numel=leaf.numel(),
             local_name=self.created_names.get(leaf),
-            is_parameter=isinstance(leaf, nn.Parameter),
         )
         grad = leaf.grad
         rec.before = _value_or_summary(grad, self.options)
@@ -438,7 +432,6 @@ class Recorder:
             if record.graph is not None:
                 self._name_graph(record, namer)
             record._root_refs = []
-            record._input_refs = []
         run = self.history.new_run() if self.leaves else self.history.cell_runs
         self.run_number = run
         kept = [(rec, leaf) for rec in self.leaves if (leaf := rec.ref()) is not None]
