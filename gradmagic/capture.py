@@ -392,8 +392,8 @@ class Recorder:
                 large.append((rec, grad))
         for rec, grad in small:
             rec.after = stats.exact_copy(grad)
-        # Large gradients: only a batched norm now; full statistics when the block
-        # closes, if the gradient is still the one this backward left.
+        # Large gradients: only a batched norm now; full statistics when a report is
+        # built, if the gradient is still the one this backward left.
         for (rec, grad), norm in zip(large, stats.norms([g for _, g in large])):
             rec.after = stats.TensorSummary(
                 tuple(grad.shape), stats.dtype_name(grad.dtype), grad.numel(), norm
@@ -405,11 +405,11 @@ class Recorder:
         if self.closed:
             return
         self.closed = True
-        with self.created_names.paused():
-            self._guard(self._finish)
-            for probe in self.probes:
-                if hasattr(probe, "finish"):
-                    self._guard(probe.finish, self)
+        # The probes, the naming hook among them, have exited: nothing to pause here.
+        self._guard(self._finish)
+        for probe in self.probes:
+            if hasattr(probe, "finish"):
+                self._guard(probe.finish, self)
         # A recorder kept in a script's `rec` must not keep the user's tensors alive:
         # what the rules read later (modules, optimizers, tensors) is held weakly.
         if self.namespace is not None:
@@ -664,10 +664,6 @@ def _dispatch(original: Any, args: tuple, kwargs: dict, frame: Any) -> Any:
     if recorder is None:
         return original(*args, **kwargs)
     return recorder.handle(original, args, kwargs, frame)
-
-
-def active_recorders() -> list[Recorder]:
-    return list(_active)
 
 
 @contextmanager

@@ -160,15 +160,15 @@ class GradReport:
         names = {r.key: r.name for r in recorder.leaves}
         status = {r.key: r.status for r in recorder.leaves}
         graphs: list[GradGraph] = []
-        by_signature: dict[Any, GradGraph] = {}
+        by_structure: dict[Any, GradGraph] = {}
         for record in recorder.records:
             snap = record.graph
             if snap is None or not snap.nodes:  # e.g. a loss with no grad_fn: nothing to draw
                 continue
             # The same structure drawn once: a retain_graph repeat, or a loop's steps.
             key = (record.kind, snap.structure)
-            if key in by_signature:
-                by_signature[key].repeat += 1
+            if key in by_structure:
+                by_structure[key].repeat += 1
                 continue
             g = GradGraph(
                 snap,
@@ -179,7 +179,7 @@ class GradReport:
                 recorder.options.max_nodes,
                 recorder.options.depth,
             )
-            by_signature[key] = g
+            by_structure[key] = g
             graphs.append(g)
         return cls(
             rows=rows,
