@@ -17,6 +17,7 @@ are copied, large ones summarised (`stats.py`).
 from __future__ import annotations
 
 import ast
+import math
 import re
 import sys
 import threading
@@ -28,11 +29,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _engine, stats
+from ._weak import WeakIdMap
 from .history import History, RunEntry, default_history
-from .naming import CreatedLeafNames, Namer, fallback_name, unique
+from .naming import CreatedLeafNames, Namer, fallback_name, may_run_user_code, unique
 
 
 @dataclass
@@ -107,6 +108,7 @@ class LeafRecord:
     after: Any = None
     after_ref: Any = None
     after_version: int = -1
+    after_nonfinite: bool | None = None  # known when `after` is a copy
     backwards: int = 0  # accumulating backwards that reached it
     grad_calls: int = 0
     accumulated_in_block: bool = False
@@ -178,25 +180,28 @@ class Recorder:
         self.grad_mode = "enabled"  # or "no_grad", "inference_mode" when the block began
         self.run_number = 0
         self.closed = False
-        self._by_leaf: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._by_leaf = WeakIdMap()
         self._thread = threading.get_ident()
         self._depth = 0
         self._report = None
-        self.created_names = CreatedLeafNames(on_name=self._named_in_frame)
-        self.module_calls = ModuleCalls()
-        # Probes watch the block alongside the engine wrapper; each is a context
-        # manager that must undo everything it installed in __exit__.
-        from . import probes  # noqa: F401 - registers its probes in EXTRA_PROBES
-
+        self.created_names = CreatedLeafNames(
+            on_name=self._named_in_frame, enabled=may_run_user_code(namespace, source)
+        )
         self.module_spans: Any = None
         if self.options.graph:
             from .graph import ModuleSpans
 
             self.module_spans = ModuleSpans()
-        self.probes: list[Any] = [self.created_names, self.module_calls]
-        if self.module_spans is not None:
-            self.probes.append(self.module_spans)
+        self.module_calls = ModuleCalls(self.created_names, self.module_spans)
+        # Probes watch the block alongside the engine wrapper; each is a context
+        # manager that must undo everything it installed in __exit__.
+        from . import probes  # noqa: F401 - registers its probes in EXTRA_PROBES
+
+        # The naming hook goes on last and comes off first: it would see every call
+        # the other probes make while they install and remove themselves.
+        self.probes: list[Any] = [self.module_calls]
         self.probes += [make(self) for make in EXTRA_PROBES]
+        self.probes.append(self.created_names)
         self._pending: list[torch.Tensor] = []
         self._adds_to_earlier: list[LeafRecord] = []
         self.findings: list[Any] = []
@@ -207,15 +212,19 @@ class Recorder:
         __tracebackhide__ = True  # IPython leaves gradmagic's frames out of tracebacks
         if self.closed or self._depth or threading.get_ident() != self._thread:
             return original(*args, **kwargs)
-        call = _engine.parse_call(args, kwargs)
-        if _engine.should_skip(call):
-            return original(*args, **kwargs)
-        self._depth += 1
+        naming, key = self.created_names, object()
+        naming.hold(key)  # first: the hook would see every call made here
         try:
-            with self.created_names.paused():
+            call = _engine.parse_call(args, kwargs)
+            if _engine.should_skip(call):
+                return original(*args, **kwargs)
+            self._depth += 1
+            try:
                 return self._record_call(original, args, kwargs, call, frame)
+            finally:
+                self._depth -= 1
         finally:
-            self._depth -= 1
+            naming.release(key)
 
     def _record_call(
         self, original: Any, args: tuple, kwargs: dict, call: _engine.EngineCall, frame: Any
@@ -384,17 +393,22 @@ class Recorder:
             grad = leaf.grad
             rec.after_ref = weakref.ref(grad) if grad is not None else None
             rec.after_version = grad._version if grad is not None else -1
+            rec.after_nonfinite = None
             if grad is None:
                 rec.after = None
             elif self.options.keeps_values(grad):
                 small.append((rec, grad))
             else:
                 large.append((rec, grad))
-        for rec, grad in small:
-            rec.after = stats.exact_copy(grad)
-        # Large gradients: only a batched norm now; full statistics when a report is
-        # built, if the gradient is still the one this backward left.
-        for (rec, grad), norm in zip(large, stats.norms([g for _, g in large])):
+        copies = stats.exact_copies([g for _, g in small])
+        # One batched norm for all: it tells whether the small copies are finite, and is
+        # all that large gradients get now (full statistics when a report is built, if
+        # the gradient is still the one this backward left).
+        norms = stats.norms(copies + [g for _, g in large])
+        for (rec, _), copy, norm in zip(small, copies, norms):
+            rec.after = copy
+            rec.after_nonfinite = not math.isfinite(norm) and stats.has_nonfinite(copy)
+        for (rec, grad), norm in zip(large, norms[len(small) :]):
             rec.after = stats.TensorSummary(
                 tuple(grad.shape), stats.dtype_name(grad.dtype), grad.numel(), norm
             )
@@ -507,7 +521,7 @@ class Recorder:
             rec.status, rec.runs = "none", 0
             return
         accumulated = rec.before_stale or rec.accumulated_in_block
-        if _is_nonfinite(rec.after):
+        if rec.after_nonfinite if rec.after_nonfinite is not None else _is_nonfinite(rec.after):
             rec.status = "nan/inf"
         elif accumulated:
             rec.status = "accumulated"
@@ -628,27 +642,70 @@ class WeakNamespace(Mapping):
 
 
 class ModuleCalls:
-    """Which modules ran a forward with grad enabled inside the block (weakly held)."""
+    """The block's one pair of global `nn.Module` hooks.
 
-    def __init__(self) -> None:
-        self._called: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._handle: Any = None
+    Notes which modules ran a forward with grad enabled (weakly held), feeds
+    module calls to `spans` (a `graph.ModuleSpans`, when a graph is drawn) and
+    holds the `naming` hook off inside module calls: library code, where it
+    would only cost time.
+    """
 
-    def _note(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    def __init__(self, naming: CreatedLeafNames, spans: Any = None) -> None:
+        self._called = WeakIdMap()
+        self._handles: list[Any] = []
+        self._open: list[nn.Module] = []  # calls in progress, outermost first
+        self._spans = spans
+        self._naming = naming
+        self._thread = threading.get_ident()
+
+    def _ours(self) -> bool:
+        # Under torch.compile tracing the hooks do nothing, so Dynamo never meets their
+        # untraceable calls (a graph break and a warning for the user otherwise).
+        return not torch.compiler.is_compiling() and threading.get_ident() == self._thread
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if not self._ours():
+            return
+        if not self._open:
+            self._naming.hold(self)
+        self._open.append(module)
+        if self._spans is not None:
+            self._spans.enter(module)
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._ours():
+            return
+        if torch.is_grad_enabled():
             self._called[module] = True
+        for k in range(len(self._open) - 1, -1, -1):
+            if self._open[k] is module:
+                del self._open[k:]  # inner calls that never closed end here too
+                break
+        if self._spans is not None:
+            self._spans.exit(module)
+        if not self._open:
+            self._naming.release(self)
+        # None: a forward hook that returns something replaces the output
 
     def __contains__(self, module: object) -> bool:
         return module in self._called
 
     def __enter__(self) -> ModuleCalls:
-        self._handle = nn.modules.module.register_module_forward_hook(self._note)
+        self._thread = threading.get_ident()
+        hooks = nn.modules.module
+        self._handles.append(hooks.register_module_forward_pre_hook(self._enter))
+        # always_call: a forward that raises still ends its call.
+        self._handles.append(hooks.register_module_forward_hook(self._exit, always_call=True))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._open.clear()
+        if self._spans is not None:
+            self._spans.close()
+        self._naming.release(self)
 
 
 # Factories `recorder -> probe` that other modules add (optimizer steps, warnings).

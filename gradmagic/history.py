@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from ._weak import WeakIdMap
 
 MAX_ENTRIES = 50
 
@@ -49,7 +50,7 @@ class History:
     """Run counts and per-run entries for every leaf gradmagic has seen."""
 
     def __init__(self) -> None:
-        self._leaves: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._leaves = WeakIdMap()
         self.cell_runs = 0
 
     def __len__(self) -> int:
@@ -78,7 +79,7 @@ class History:
         return list(item.entries) if item is not None else []
 
     def reset(self) -> None:
-        self._leaves = WeakIdKeyDictionary()
+        self._leaves = WeakIdMap()
         self.cell_runs = 0
 
 

@@ -8,15 +8,18 @@ locals of the frames that called backward. `fallback_name` covers the rest.
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import functools
 import inspect
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+import types
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._weak import WeakIdMap
 
 MAX_CONTAINER_ITEMS = 256
 
@@ -143,6 +146,59 @@ def _library_dirs() -> tuple[str, ...]:
     return tuple(sorted(dirs))
 
 
+def _is_library_file(filename: str | None) -> bool:
+    return bool(filename) and (
+        filename.startswith(_library_dirs()) or filename.startswith("<frozen")  # type: ignore[union-attr]
+    )
+
+
+_PLAIN = (torch.Tensor, nn.Module, torch.optim.Optimizer, types.ModuleType, str, bytes, int, float)
+_PLAIN += (complex, bool, list, tuple, dict, set, frozenset, type(None), torch.dtype, torch.device)
+
+
+def _is_user_code(value: Any) -> bool:
+    """Whether calling `value` can run the user's own Python code outside a module's
+    forward or an optimizer's step (where the naming hook is held off anyway)."""
+    if isinstance(value, _PLAIN):
+        return False
+    if isinstance(value, functools.partial):
+        return _is_user_code(value.func)
+    if isinstance(value, types.MethodType):
+        value = value.__func__
+    if isinstance(value, types.FunctionType):
+        return not _is_library_file(value.__code__.co_filename)
+    if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        return False
+    cls = value if isinstance(value, type) else type(value)
+    if issubclass(cls, (nn.Module, torch.optim.Optimizer, torch.Tensor)):
+        return False  # a module's own forward, an optimizer's step: held off
+    module = sys.modules.get(getattr(cls, "__module__", "") or "")
+    return not _is_library_file(getattr(module, "__file__", None))
+
+
+def may_run_user_code(namespace: Mapping[str, Any] | None, source: str | None) -> bool:
+    """Whether a block can create leaves inside the user's own functions, which the
+    naming hook exists to see: a function, class or object of the user's that the
+    code names (every one in the namespace when the code is not known), or a
+    function defined in the code itself. Without them, a block of modules,
+    optimizers and tensors runs with no profile hook at all.
+    """
+    if namespace is None:
+        return True
+    if source is None:
+        names: Iterable[str] = [k for k in list(namespace) if isinstance(k, str)]
+    else:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            return True
+        defines = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+        if any(isinstance(node, defines) for node in ast.walk(tree)):
+            return True
+        names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    return any(_is_user_code(namespace.get(name)) for name in names if _public(name))
+
+
 _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
@@ -154,27 +210,29 @@ class CreatedLeafNames:
     profile hook sees the user's frames return (library frames are skipped
     after one lookup per code object) and remembers local names of leaves
     that require grad. When another profiler is installed (cProfile, `%prun`),
-    it stays alone and this naming is skipped.
+    it stays alone and this naming is skipped. It is held off inside
+    `nn.Module` calls and optimizer steps (see `hold`), so a leaf created
+    inside a module's `forward` is not named this way; and it is not installed
+    at all for a block that calls none of the user's own code
+    (`may_run_user_code`).
     """
 
-    def __init__(self, on_name: Any = None) -> None:
-        from torch.utils.weak import WeakIdKeyDictionary
-
+    def __init__(self, on_name: Any = None, enabled: bool = True) -> None:
         # Called as on_name(tensor, name) when a name is found: the tensor may be
         # gone by the time anyone asks (a weight made and used inside a helper).
         self.on_name = on_name
-        self.names: Any = WeakIdKeyDictionary()
-        self._wanted: Any = WeakIdKeyDictionary()
+        self.names = WeakIdMap()
+        self._wanted = WeakIdMap()
         self._user_code: dict[Any, bool] = {}
-        self._libraries = _library_dirs()
         self._installed = False
+        self.enabled = enabled  # False: never installed (see `may_run_user_code`)
+        self._holds: set[object] = set()
+        self._held_off = False  # this hook was removed by a hold, to come back on release
 
     def _is_user(self, code: Any) -> bool:
         user = self._user_code.get(code)
         if user is None:
-            filename = code.co_filename
-            user = not filename.startswith(self._libraries) and not filename.startswith("<frozen")
-            self._user_code[code] = user
+            user = self._user_code[code] = not _is_library_file(code.co_filename)
         return user
 
     def _profile(self, frame: Any, event: str, arg: Any) -> None:
@@ -196,18 +254,30 @@ class CreatedLeafNames:
                 if self.on_name is not None:
                     self.on_name(value, key)
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Switch the hook off around gradmagic's own work: it would see every call
-        and C call there, and slow that work several times over."""
-        if not self._installed or sys.getprofile() != self._profile:
-            yield
+    def hold(self, key: object) -> None:
+        """Keep the hook off until `release(key)`: inside `nn.Module` calls and
+        optimizer steps, which are library code, and around gradmagic's own work.
+
+        A profile hook puts the interpreter in tracing mode: every bytecode and C
+        call of a model's forward runs slower under it, while the names it looks
+        for are the user's own variables. Holds nest: the hook comes back when the
+        last one is released, if it was this hook that was removed.
+        """
+        if key in self._holds:
             return
-        sys.setprofile(None)
-        try:
-            yield
-        finally:
-            sys.setprofile(self._profile)
+        self._holds.add(key)
+        if len(self._holds) == 1 and self._installed and sys.getprofile() == self._profile:
+            sys.setprofile(None)
+            self._held_off = True
+
+    def release(self, key: object) -> None:
+        if key not in self._holds:
+            return
+        self._holds.discard(key)
+        if not self._holds and self._held_off:
+            self._held_off = False
+            if self._installed and sys.getprofile() is None:
+                sys.setprofile(self._profile)
 
     def want(self, tensor: torch.Tensor) -> None:
         """Also name this tensor (a backward's root, such as `loss`) if a frame holds it."""
@@ -217,7 +287,7 @@ class CreatedLeafNames:
         return self.names.get(tensor)
 
     def __enter__(self) -> CreatedLeafNames:
-        if sys.getprofile() is None:
+        if self.enabled and sys.getprofile() is None:
             sys.setprofile(self._profile)
             self._installed = True
         return self
@@ -226,3 +296,5 @@ class CreatedLeafNames:
         if self._installed and sys.getprofile() == self._profile:
             sys.setprofile(None)
         self._installed = False
+        self._holds.clear()
+        self._held_off = False

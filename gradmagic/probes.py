@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import linecache
 import re
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -30,9 +31,11 @@ from .naming import Namer
 # Hyperparameters worth showing beside an optimizer's name, when set.
 HYPERPARAMETERS = ("lr", "momentum", "betas", "weight_decay")
 # Elements of large parameters copied to measure how far a step moved them (`‖Δ‖`).
-# Past this budget (4 MiB of float32) only norms are kept: copying a whole large
-# model before every step would cost a tenth of the step and its size in memory.
-DELTA_BUDGET = 1 << 20
+# Past this budget (256 KiB of float32; 4 MiB with copies=True) only norms are kept:
+# copying a large model before every step costs its size in fresh memory, and
+# touching fresh pages is slow (a 4 MiB copy took up to 70 ms on a small VM).
+DELTA_BUDGET = 1 << 16
+DELTA_BUDGET_COPIES = 1 << 20  # with `copies=True` (`--copies`)
 NONLEAF_WARNING = "The .grad attribute of a Tensor that is not a leaf Tensor"
 
 
@@ -66,6 +69,7 @@ class OptimizerSteps:
     hyperparameters: dict[str, Any]
     steps: int
     params: list[ParamStep]
+    budget: int = DELTA_BUDGET  # elements of large parameters copied to measure ‖Δ‖
 
     @property
     def title(self) -> str:
@@ -103,13 +107,16 @@ class OptimizerStepProbe:
 
     def __init__(self, recorder: Any) -> None:
         self.options = recorder.options
-        self._quiet = recorder.created_names.paused
+        self._naming = recorder.created_names
+        self._thread = threading.get_ident()
         self._recorded_grad = recorder.recorded_grad
         self._live: dict[int, _LiveOptimizer] = {}
         self._handles: list[Any] = []
         self._copied = 0
+        self.budget = DELTA_BUDGET_COPIES if recorder.options.copies else DELTA_BUDGET
 
     def __enter__(self) -> OptimizerStepProbe:
+        self._thread = threading.get_ident()
         self._handles = [
             register_optimizer_step_pre_hook(self._before_step),
             register_optimizer_step_post_hook(self._after_step),
@@ -120,10 +127,14 @@ class OptimizerStepProbe:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._naming.release(self)
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        with self._quiet():
-            self._note_step(optimizer)
+        # The naming hook is off for the whole step: an optimizer is library code,
+        # and a profile hook slows every line of it.
+        if threading.get_ident() == self._thread:
+            self._naming.hold(self)
+        self._note_step(optimizer)
 
     def _note_step(self, optimizer: Any) -> None:
         live = self._live.get(id(optimizer))
@@ -137,19 +148,22 @@ class OptimizerStepProbe:
             p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
         ]
         fresh = [p for p in stepping if id(p) not in live.params]
-        # A large parameter is read before the step only to measure how far the step
-        # moves it, within the copy budget: a pass over a whole model per step is
-        # what watching must not cost.
-        measured = []
+        # A large parameter is copied before the step only to measure how far the step
+        # moves it, within the copy budget: a pass over a whole model per step, in
+        # fresh memory, is what watching must not cost.
+        small = [p for p in fresh if self._exact(p)]
+        large = []
         for p in fresh:
-            copy = None
-            if not self._exact(p) and self._copied + p.numel() <= DELTA_BUDGET:
-                copy, self._copied = stats.exact_copy(p), self._copied + p.numel()
-            if self._exact(p) or copy is not None:
-                measured.append(p)
-            live.params[id(p)] = _LiveParam(weakref.ref(p), None, copy)
-        for p, before in zip(measured, self._values(measured)):
-            live.params[id(p)].before = before
+            if not self._exact(p) and self._copied + p.numel() <= self.budget:
+                large.append(p)
+                self._copied += p.numel()
+        copies = iter(stats.exact_copies(small + large))
+        for p in fresh:
+            live.params[id(p)] = _LiveParam(weakref.ref(p), None, None)
+        for p in small:
+            live.params[id(p)].before = next(copies)
+        for p in large:
+            live.params[id(p)].first_copy = next(copies)
         live.stepping = [live.params[id(p)] for p in stepping]
         # The backward already measured these gradients: measure only the others.
         grads = [self._recorded_grad(p) for p in stepping]
@@ -159,6 +173,9 @@ class OptimizerStepProbe:
             item.grad = grad if grad is not None else next(measured)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # A step that raised never gets here: the hold then ends with the block.
+        if threading.get_ident() == self._thread:
+            self._naming.release(self)
         # Counted here, not before: a step that raised moved nothing.
         live = self._live.get(id(optimizer))
         if live is None:
@@ -183,7 +200,8 @@ class OptimizerStepProbe:
             stats.TensorSummary(tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), n)
             for t, n in zip(large, stats.norms(large))
         )
-        return [stats.exact_copy(t) if self._exact(t) else next(summaries) for t in tensors]
+        copies = iter(stats.exact_copies([t for t in tensors if self._exact(t)]))
+        return [next(copies) if self._exact(t) else next(summaries) for t in tensors]
 
     def finish(self, recorder: Any) -> None:
         """Name what stepped and measure how far it moved; drop every reference."""
@@ -193,17 +211,40 @@ class OptimizerStepProbe:
             optimizer = live.ref()
             items = [(item, item.ref()) for item in live.params.values()]
             items = [(item, p) for item, p in items if p is not None]
-            now = [p for item, p in items if item.before is not None]
-            afters_now = iter(self._values(now))
-            afters = [next(afters_now) if item.before is not None else None for item, _ in items]
-            moved = [(item, p) for item, p in items if item.first_copy is not None]
-            norms = iter(stats.norms([p.detach() - item.first_copy for item, p in moved]))
+            # Measured: small parameters (copied) and large ones within the budget.
+            measured = [
+                (item, p)
+                for item, p in items
+                if item.before is not None or item.first_copy is not None
+            ]
+            afters_now = iter(self._values([p for _, p in measured]))
+            afters = {id(item): next(afters_now) for item, _ in measured}
+            moved = [
+                (item, p)
+                for item, p in measured
+                if item.first_copy is not None and item.first_copy.shape == p.shape
+            ]
+            # Norms before the step, then of the change, in one batch.
+            moved_norms = stats.norms(
+                [item.first_copy for item, _ in moved]
+                + [p.detach() - item.first_copy for item, p in moved]
+            )
+            for k, (item, _) in enumerate(moved):
+                item.before = stats.TensorSummary(
+                    tuple(item.first_copy.shape),
+                    stats.dtype_name(item.first_copy.dtype),
+                    item.first_copy.numel(),
+                    moved_norms[k],
+                )
+            norms = iter(moved_norms[len(moved) :])
+            moved_ids = {id(item) for item, _ in moved}
             params = []
-            for i, ((item, p), after) in enumerate(zip(items, afters)):
+            for i, (item, p) in enumerate(items):
+                after = afters.get(id(item))
                 if isinstance(after, torch.Tensor) and isinstance(item.before, torch.Tensor):
                     change: Any = after - item.before
                 else:
-                    change = next(norms) if item.first_copy is not None else None
+                    change = next(norms) if id(item) in moved_ids else None
                 name = row_names.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
                 ref = weakref.ref(p) if after is None else None
                 params.append(
@@ -218,6 +259,7 @@ class OptimizerStepProbe:
                     live.hyperparameters,
                     live.steps,
                     params,
+                    self.budget,
                 )
             )
         self._live = {}
@@ -315,6 +357,8 @@ class WarningProbe:
 
 def grad_reads(code: str) -> list[str]:
     """The expressions whose `.grad` the code reads: `y.grad` -> `y`."""
+    if ".grad" not in code:
+        return []
     try:
         tree = ast.parse(code)
     except SyntaxError:

@@ -16,7 +16,7 @@ from typing import Any
 from . import stats
 from .diagnostics import Finding
 from .plot import gradient_flow
-from .probes import DELTA_BUDGET
+from .probes import DELTA_BUDGET_COPIES
 
 # Jupyter's page CSS makes tables fixed-layout with right-aligned, wrapping cells;
 # inline styles win over it (the report's container scrolls sideways instead).
@@ -431,15 +431,18 @@ class GradReport:
                     + "".join(f'<td style="{cell} {mono}">{esc(c)}</td>' for c in row)
                     + "</tr>"
                 )
-        unmeasured = any(
-            p.change is None and isinstance(p.after, stats.TensorSummary)
+        unmeasured = [
+            steps.budget
             for steps in self.steps
-            for p in steps.params
-        )
+            if any(
+                p.change is None and isinstance(p.after, stats.TensorSummary) for p in steps.params
+            )
+        ]
+        budget = max(unmeasured, default=0)
         note = (
             f'<div style="color:#6b7280">‖Δ‖ is measured for large parameters up to '
-            f"{DELTA_BUDGET:,} elements in all (a copy before the step); the others show "
-            "their norms after it.</div>"
+            f"{budget:,} elements in all (a copy before the step; {DELTA_BUDGET_COPIES:,} "
+            "with <code>--copies</code>); the others show their norms after it.</div>"
         )
         return (
             f'<table class="gradmagic-steps" style="{TABLE_STYLE} margin: 8px 0 4px 0;">'

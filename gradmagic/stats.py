@@ -97,10 +97,30 @@ def exact_copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
+def exact_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`exact_copy` of many tensors under one `no_grad`: the per-call overhead is
+    what small tensors cost (a flat buffer split into views costs more)."""
+    with torch.no_grad():
+        return [t.detach().clone() for t in tensors]
+
+
 def norms(tensors: Sequence[torch.Tensor]) -> list[float]:
     """Euclidean norms of many tensors with one host synchronisation per device."""
     if not tensors:
         return []
+    first = tensors[0]
+    if first.dtype in (torch.float32, torch.float64) and all(
+        t.layout == torch.strided and t.dtype == first.dtype and t.device == first.device
+        for t in tensors
+    ):
+        # The common case, one group: no per-tensor views.
+        with torch.no_grad():
+            found = torch._foreach_norm([t.detach() for t in tensors])  # type: ignore[arg-type]
+            return (
+                torch.stack(found).tolist()
+                if first.device.type != "meta"
+                else [math.nan] * len(tensors)
+            )
     views: list[torch.Tensor | None] = []
     for t in tensors:
         views.append(_statistics_view(t) if (t.is_sparse or t.is_complex()) else t.detach())
@@ -130,6 +150,8 @@ def summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
     mean is much larger than the spread.) A tensor holding NaN or Inf takes the
     masked path, which also counts them.
     """
+    if not tensors:
+        return []
     rows: list[TensorSummary | None] = [None] * len(tensors)
     todo: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
     with torch.no_grad():

@@ -272,7 +272,7 @@ def test_flow_hooks_are_removed_on_exit_and_on_interrupt():
         q.backward(torch.ones(2), retain_graph=True)
         raise KeyboardInterrupt
     assert len(snap.edge_flow) == 5
-    snap.edge_flow.clear()
+    snap.flow_values.clear()
     ref = weakref.ref(recorder)
     del recorder
     gc.collect()

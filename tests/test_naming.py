@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
 from torch import nn
@@ -70,5 +71,64 @@ def test_a_variable_outranks_a_module_path_and_duplicates_are_numbered():
 
     # The helper's frame holds the second `v` when it returns; the first was
     # overwritten there, and is named by its place in the graph.
-    _, names = _names({}, run)
+    _, names = _names({"run": run}, run)
     assert "v" in names and len(names) == 2
+
+
+def _profile_inside(ns, source=None):
+    seen = []
+    with gradmagic.watch(ns, source=source):
+        seen.append(sys.getprofile())
+    return seen[0] is not None
+
+
+def test_the_naming_hook_runs_only_where_user_code_can_make_leaves():
+    model, x = nn.Linear(2, 1), torch.ones(1, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def helper():
+        return model(x)
+
+    class Trainer:
+        pass
+
+    plain = {"model": model, "x": x, "opt": opt, "F": torch.nn.functional, "torch": torch}
+    # Modules, optimizers, tensors and library functions: no profile hook at all.
+    assert not _profile_inside(plain)
+    assert not _profile_inside({**plain, "helper": helper}, "loss = F.mse_loss(model(x), x)")
+    # The user's function, class or object, named in the code or (without code) in
+    # the namespace, or a function defined in the code itself: the hook is on.
+    assert _profile_inside({**plain, "helper": helper}, "loss = helper().sum()")
+    assert _profile_inside({**plain, "helper": helper})
+    assert _profile_inside({**plain, "t": Trainer()}, "t.go()")
+    assert _profile_inside(plain, "def f():\n    return model(x)\nf()")
+    assert _profile_inside(None)
+    assert sys.getprofile() is None
+
+
+def test_the_naming_hook_is_off_inside_module_calls_and_optimizer_steps():
+    seen = {}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x):
+            seen["forward"] = sys.getprofile()
+            return self.lin(x)
+
+    def helper():
+        seen["helper"] = sys.getprofile()
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt.register_step_pre_hook(lambda *a: seen.setdefault("step", sys.getprofile()))
+    with gradmagic.watch({"net": net, "helper": helper}):
+        net(torch.ones(1, 2)).sum().backward()
+        seen["between"] = sys.getprofile()
+        opt.step()
+        helper()
+    assert seen["forward"] is None and seen["step"] is None
+    assert seen["between"] is not None and seen["helper"] is not None
+    assert sys.getprofile() is None

@@ -9,36 +9,7 @@ from typing import Any
 
 import torch
 
-from .snapshot import GraphSnapshot, LiveNodes
-
-
-def _flat(values: Any) -> list[Any]:
-    flat = values if isinstance(values, list) else [values]
-    while flat and isinstance(flat[0], list):
-        flat = [v for row in flat for v in row]
-    return flat
-
-
-def _list_text(values: Any) -> str:
-    """`tolist()` output in PyTorch's style. `repr(tensor)` costs about 0.2 ms a call,
-    and this runs inside the backward for every edge of a small graph."""
-    floats = [v for v in _flat(values) if isinstance(v, float) and math.isfinite(v)]
-    if floats and all(v.is_integer() for v in floats) and max(map(abs, floats)) < 1e8:
-        fmt = "{:.0f}."
-    elif floats and all(1e-4 <= abs(v) < 1e4 for v in floats if v):
-        fmt = "{:.4f}"
-    else:
-        fmt = "{:.4e}"
-
-    def one(v: Any) -> str:
-        if isinstance(v, list):
-            return "[" + ", ".join([one(x) for x in v]) + "]"
-        if isinstance(v, float):
-            return fmt.format(v) if math.isfinite(v) else str(v)
-        return str(v)
-
-    return one(values)
-
+from .snapshot import GraphSnapshot, LiveNodes, flat_list
 
 # Flow is recorded only when the gradients of the whole backward hold at most this
 # many elements: a CNN's activation gradients run to millions on every edge, and
@@ -46,27 +17,27 @@ def _list_text(values: Any) -> str:
 FLOW_ELEMENTS = 1 << 20
 
 
-def _flow_label(grad: torch.Tensor, values: int) -> tuple[str, bool]:
-    """A short text for a gradient and whether it is all finite."""
-    with torch.no_grad():
-        g = grad.detach()
-        if g.device.type == "meta":
-            return "", True
-        if g.layout != torch.strided:
-            g = g.coalesce().values() if g.is_sparse else g.to_dense()
-        if g.numel() <= values:
-            # One host copy; finiteness is read from the Python numbers.
-            listed = g.tolist()
-            finite = all(
-                cmath.isfinite(v) if isinstance(v, complex) else math.isfinite(v)
-                for v in _flat(listed)
-                if isinstance(v, (float, complex))
-            )
-            return _list_text(listed), finite
-        norm = float(torch.linalg.vector_norm(g))
-        # A non-finite norm can be overflow of finite values: only then look closer.
-        finite = math.isfinite(norm) or bool(torch.isfinite(g).all())
-        return f"‖g‖={norm:.3g}", finite
+def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
+    """What the label of a gradient needs, and whether it is all finite: its values
+    (`tolist()`) up to `values` elements, else `("norm", its norm)`. Formatting waits for the
+    drawing: this runs inside the backward, once per edge."""
+    g = grad.detach()  # detached: nothing here is recorded, even under create_graph
+    if g.device.type == "meta":
+        return None, True
+    if g.layout != torch.strided:
+        g = g.coalesce().values() if g.is_sparse else g.to_dense()
+    if g.numel() <= values:
+        # One host copy; finiteness is read from the Python numbers.
+        listed = g.tolist()
+        finite = all(
+            cmath.isfinite(v) if isinstance(v, complex) else math.isfinite(v)
+            for v in flat_list(listed)
+            if isinstance(v, (float, complex))
+        )
+        return listed, finite
+    norm = float(torch.linalg.vector_norm(g))
+    # A non-finite norm can be overflow of finite values: only then look closer.
+    return ("norm", norm), math.isfinite(norm) or bool(torch.isfinite(g).all())
 
 
 # --- gradient flow --------------------------------------------------------------------------
@@ -76,9 +47,9 @@ class FlowRecorder:
     """While active, note the gradient that flows along each edge of a small graph.
 
     Hooks the op nodes of `snap` (graphs of at most `budget` ops whose gradients
-    hold at most `FLOW_ELEMENTS` elements in all) and writes short
-    labels into `snap.edge_flow`: the values for gradients of at most `values`
-    elements, else the norm. Nodes whose gradients came out non-finite go into
+    hold at most `FLOW_ELEMENTS` elements in all) and notes into
+    `snap.flow_values` the values of gradients of at most `values` elements,
+    else the norm; `snap.edge_flow` formats them as labels when read. Nodes whose gradients came out non-finite go into
     `snap.flow_nonfinite_nodes`, in the order the engine ran them. Hooks change no
     gradient and are removed on exit, also on an exception.
     """
@@ -124,10 +95,10 @@ class FlowRecorder:
             for slot, grad in enumerate(grad_inputs):
                 if grad is None:
                     continue
-                label, ok = _flow_label(grad, self.values)
+                value, ok = _flow_value(grad, self.values)
                 finite = finite and ok
-                if slot in sources and label:
-                    self.snap.edge_flow[(sources[slot], nid, slot)] = label
+                if slot in sources and value is not None:
+                    self.snap.flow_values[(sources[slot], nid, slot)] = value
             if not finite:
                 self.snap.flow_nonfinite_nodes.append(nid)
         except Exception:  # noqa: BLE001 - a drawing detail must never break a backward

@@ -47,14 +47,16 @@ class ModuleSpans:
         self._thread = threading.get_ident()
 
     def __enter__(self) -> ModuleSpans:
+        """Record through global module hooks of its own (gradmagic's recorder
+        calls `enter` and `exit` from the hooks it already has)."""
         if self._counter is None:
             return self  # this torch has no sequence counter: nothing is grouped
         self._thread = threading.get_ident()
         hooks = nn.modules.module
-        self._handles.append(hooks.register_module_forward_pre_hook(self._enter_call))
+        self._handles.append(hooks.register_module_forward_pre_hook(self._pre_hook))
         try:
             # always_call: a forward that raises still closes its span.
-            post = hooks.register_module_forward_hook(self._exit_call, always_call=True)
+            post = hooks.register_module_forward_hook(self._post_hook, always_call=True)
         except BaseException:
             self._remove()
             raise
@@ -63,6 +65,10 @@ class ModuleSpans:
 
     def __exit__(self, *exc: object) -> None:
         self._remove()
+        self.close()
+
+    def close(self) -> None:
+        """End the calls still open (a forward interrupted by KeyboardInterrupt)."""
         if self._counter is not None:
             for i in self._open:
                 self._spans[i].end = self._counter()
@@ -73,28 +79,35 @@ class ModuleSpans:
         for handle in handles:
             handle.remove()
 
-    def _enter_call(self, module: nn.Module, args: Any) -> None:
-        # Sequence numbers count per thread: calls from other threads are not ours. A long
-        # training loop under one ModuleSpans stops being recorded past _MAX_SPANS calls.
+    def _pre_hook(self, module: nn.Module, args: Any) -> None:
         # Under torch.compile tracing the hook does nothing, so Dynamo never meets its
         # untraceable calls (a graph break and a warning for the user otherwise).
-        if torch.compiler.is_compiling():
-            return None
-        if threading.get_ident() != self._thread or self._counter is None:
-            return None
-        if len(self._spans) >= _MAX_SPANS:
-            return None
+        if not torch.compiler.is_compiling() and threading.get_ident() == self._thread:
+            self.enter(module)
+
+    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.compiler.is_compiling() and threading.get_ident() == self._thread:
+            self.exit(module)
+        # None: a forward hook that returns something replaces the output
+
+    def enter(self, module: nn.Module) -> None:
+        """A call of `module` starts (on the recording thread, outside compilation).
+
+        Sequence numbers count per thread: calls from other threads are not ours. A
+        long training loop under one ModuleSpans stops being recorded past _MAX_SPANS
+        calls.
+        """
+        if self._counter is None or len(self._spans) >= _MAX_SPANS:
+            return
         parent = self._open[-1] if self._open else None
         span = _Span(weakref.ref(module), type(module).__name__, self._counter(), None, parent)
         self._spans.append(span)
         self._open.append(len(self._spans) - 1)
-        return None
 
-    def _exit_call(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return None
-        if threading.get_ident() != self._thread or self._counter is None:
-            return None
+    def exit(self, module: nn.Module) -> None:
+        """The call of `module` ended (returned or raised)."""
+        if self._counter is None or not self._open:
+            return
         end = self._counter()
         for k in range(len(self._open) - 1, -1, -1):
             if self._spans[self._open[k]].module() is module:
@@ -102,7 +115,6 @@ class ModuleSpans:
                     self._spans[i].end = end
                 del self._open[k:]
                 break
-        return None  # a forward hook that returns something replaces the output
 
     def assign(
         self,

@@ -78,13 +78,42 @@ class GraphSnapshot:
     nodes: list[GraphNode]
     edges: list[Edge]
     roots: list[int]
-    signature: str
-    structure: str
     n_ops: int
     flow_elements: int = 0  # elements of all the gradients the backward will pass along
-    edge_flow: dict[tuple[int, int, int], str] = field(default_factory=dict)
+    # (src, dst, slot) -> the gradient along the edge: `tolist()` values or ("norm", float)
+    flow_values: dict[tuple[int, int, int], Any] = field(default_factory=dict)
     flow_nonfinite_nodes: list[int] = field(default_factory=list)  # in execution order
     modules: list[ModuleCall] = field(default_factory=list)
+    _edge_flow: dict[tuple[int, int, int], str] | None = field(default=None, repr=False)
+
+    @property
+    def edge_flow(self) -> dict[tuple[int, int, int], str]:
+        """Edge labels of the gradient flow, `[36., 81.]` or `‖g‖=13.4`: formatted
+        when first read, not inside the backward."""
+        if self._edge_flow is None or len(self._edge_flow) != len(self.flow_values):
+            self._edge_flow = {key: flow_text(v) for key, v in self.flow_values.items()}
+        return self._edge_flow
+
+    @functools.cached_property
+    def signature(self) -> str:
+        """The same for snapshots of the same autograd graph (sequence numbers included)."""
+        return self._digest(with_seq=True)
+
+    @functools.cached_property
+    def structure(self) -> str:
+        """The same for graphs of the same shape (a loop that rebuilds its graph)."""
+        return self._digest(with_seq=False)
+
+    def _digest(self, with_seq: bool) -> str:
+        # Hashed when first asked (by the report), not in the backward.
+        digest = hashlib.blake2b(digest_size=16)
+        for n in self.nodes:
+            seq = f"{n.seq}" if with_seq else ""
+            digest.update(
+                f"{n.kind}|{n.op}|{n.leaf_key}|{n.shape}|{n.root_name}|{n.is_input};{seq}".encode()
+            )
+        digest.update(";".join(f"{e.src},{e.dst},{e.slot}" for e in self.edges).encode())
+        return digest.hexdigest()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GraphSnapshot) and other.signature == self.signature
@@ -125,19 +154,20 @@ def _sequence_nr(node: Any) -> int | None:
         return None
 
 
-def _input_shapes(node: Any) -> list[str]:
-    # Shapes of the gradients a node receives, without unpacking saved tensors.
+def _inputs(node: Any, light: bool) -> tuple[list[str], int]:
+    """Shapes of the gradients a node receives, and their elements in all, without
+    unpacking saved tensors (`light`: neither)."""
+    if light:
+        return [], 0
     try:
-        return [_shape_text(meta.shape) for meta in node._input_metadata]
+        shapes = [meta.shape for meta in node._input_metadata]
     except Exception:  # noqa: BLE001 - nested tensors and older torch: edges go unlabelled
-        return []
-
-
-def _input_elements(node: Any) -> int:
+        return [], 0
     try:
-        return sum(math.prod(meta.shape) for meta in node._input_metadata)
+        elements = sum(math.prod(shape) for shape in shapes)
     except Exception:  # noqa: BLE001 - unknown sizes count as none
-        return 0
+        elements = 0
+    return [_shape_text(shape) for shape in shapes], elements
 
 
 def _next_functions(node: Any) -> tuple:
@@ -151,27 +181,47 @@ _SAVED_NOISE = ("_sym_strides", "_sym_storage_offset", "_sym_numel", "_sym_sizes
 
 
 @functools.cache
-def _saved_attributes(node_type: type) -> tuple[str, ...]:
-    # Generated backward nodes expose what they saved as `_saved_<argument>` properties;
-    # strides are noise in a drawing.
-    return tuple(
+def _saved_attributes(node_type: type) -> tuple[tuple[str, str, str | None], ...]:
+    """(name, attribute, fallback) for what a node type saved.
+
+    Generated backward nodes expose it as `_saved_<argument>` properties;
+    strides are noise in a drawing. A tensor with a `_sym_sizes` twin is read
+    through the twin (its shape, without unpacking the tensor), the tensor
+    itself being the fallback; the twin also outlives a backward.
+    """
+    names = {
         name
         for name in dir(node_type)
         if name.startswith("_saved_") and not name.endswith(_SAVED_NOISE)
-    )
+    }
+    plan = []
+    for attr in sorted(names):
+        name = attr.removeprefix("_saved_")
+        if name.endswith("_sym_sizes"):
+            tensor = attr.removesuffix("_sym_sizes")
+            plan.append(
+                (name.removesuffix("_sym_sizes"), attr, tensor if tensor in names else None)
+            )
+        elif attr + "_sym_sizes" not in names:
+            plan.append((name, attr, None))
+    return tuple(plan)
 
 
 def _saved_values(node: Any) -> tuple[tuple[str, str], ...]:
     found: dict[str, str] = {}
-    for attr in _saved_attributes(type(node)):
+    for name, attr, fallback in _saved_attributes(type(node)):
         try:
             value = getattr(node, attr)
         except Exception:  # noqa: BLE001 - freed by a backward without retain_graph
             continue
-        name = attr.removeprefix("_saved_")
-        if name.endswith("_sym_sizes"):
-            # `x_sym_sizes` outlives the tensor `x` it describes: show it as x's shape.
-            name, text = name.removesuffix("_sym_sizes"), _shape_text(value or ())
+        if attr.endswith("_sym_sizes"):
+            if value is None and fallback is not None:
+                try:
+                    text = _saved_text(getattr(node, fallback))
+                except Exception:  # noqa: BLE001 - freed
+                    continue
+            else:
+                text = _shape_text(value or ())  # `x_sym_sizes`: shown as x's shape
         else:
             text = _saved_text(value)
         if text is not None:
@@ -213,6 +263,8 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _shape_text(shape: Iterable[Any]) -> str:
+    if type(shape) is torch.Size:
+        return str(tuple(shape))  # `(4, 8)`, `(4,)`, `()`
     dims = [str(int(d)) if isinstance(d, int) else str(d) for d in shape]
     return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
 
@@ -248,6 +300,37 @@ def _saved_text(value: Any) -> str | None:
     if isinstance(value, (str, torch.dtype, torch.device, torch.layout)):
         return str(value)
     return None
+
+
+def flat_list(values: Any) -> list[Any]:
+    """The numbers of a (nested) `tolist()` result."""
+    flat = values if isinstance(values, list) else [values]
+    while flat and isinstance(flat[0], list):
+        flat = [v for row in flat for v in row]
+    return flat
+
+
+def flow_text(value: Any) -> str:
+    """A flow label: `("norm", 13.4)` as `‖g‖=13.4`, `tolist()` output in PyTorch's
+    style (`repr(tensor)` costs about 0.2 ms a call)."""
+    if isinstance(value, tuple):
+        return f"‖g‖={value[1]:.3g}"
+    floats = [v for v in flat_list(value) if isinstance(v, float) and math.isfinite(v)]
+    if floats and all(v.is_integer() for v in floats) and max(map(abs, floats)) < 1e8:
+        fmt = "{:.0f}."
+    elif floats and all(1e-4 <= abs(v) < 1e4 for v in floats if v):
+        fmt = "{:.4f}"
+    else:
+        fmt = "{:.4e}"
+
+    def one(v: Any) -> str:
+        if isinstance(v, list):
+            return "[" + ", ".join([one(x) for x in v]) + "]"
+        if isinstance(v, float):
+            return fmt.format(v) if math.isfinite(v) else str(v)
+        return str(v)
+
+    return one(value)
 
 
 # --- snapshot -------------------------------------------------------------------------------
@@ -311,9 +394,9 @@ class _Walk:
         self.ids[id(node)] = nid
         self.live[nid] = node
         self.nodes.append(self.describe(nid, node))
-        self.in_shapes.append([] if self.light else _input_shapes(node))
-        if not self.light:
-            self.flow_elements += _input_elements(node)
+        shapes, elements = _inputs(node, self.light)
+        self.in_shapes.append(shapes)
+        self.flow_elements += elements
         self.stack.append(nid)
         return nid
 
@@ -349,20 +432,10 @@ class _Walk:
                 self.edges.append(Edge(cid, nid, slot, shape))
 
     def finish(self) -> GraphSnapshot:
-        same_graph, same_shape = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
-        for n in self.nodes:
-            part = f"{n.kind}|{n.op}|{n.leaf_key}|{n.shape}|{n.root_name}|{n.is_input};".encode()
-            same_shape.update(part)
-            same_graph.update(part + str(n.seq).encode())
-        edges = ";".join(f"{e.src},{e.dst},{e.slot}" for e in self.edges).encode()
-        same_shape.update(edges)
-        same_graph.update(edges)
         return GraphSnapshot(
             nodes=self.nodes,
             edges=self.edges,
             roots=self.roots,
-            signature=same_graph.hexdigest(),
-            structure=same_shape.hexdigest(),
             n_ops=sum(n.kind == "op" for n in self.nodes),
             flow_elements=self.flow_elements,
         )
