@@ -4,9 +4,10 @@ Prints a table and writes `benchmarks/results.md`:
 
 1. Overhead per training step (forward + backward + optimizer step), plain vs
    inside `gradmagic.watch()` (default options) vs `watch(copies=True)`, on a
-   tiny MLP, a ResNet-18 and a ~27M-parameter transformer LM. The variants run
-   interleaved (A B C, C B A, ...); each watched step is compared with the plain
-   step of the same round, and the table gives medians.
+   tiny MLP, a ResNet-18 and a ~27M-parameter transformer LM. Each watched
+   variant runs interleaved with plain steps of its own (A B, B A, ...); each
+   watched step is compared with the plain step of the same round, and the
+   table gives medians.
 2. The whole `%%grad` cell path in an in-process IPython shell, with the
    report's HTML, against the same cell run plainly.
 3. `benchmarks/graph.py` (snapshot + render vs torchviz), when it exists.
@@ -71,7 +72,9 @@ class Config:
 FULL = Config(
     FULL_SIZES,
     warmup=2,
-    rounds={"mlp": 300, "resnet": 15, "transformer": 15},
+    # Steps on a small VM vary by ±5-10% each (memory returned to the OS and faulted
+    # back every step): enough rounds to resolve a 1% difference in the median.
+    rounds={"mlp": 1000, "resnet": 61, "transformer": 31},
     cell_rounds=60,
     held_runs=3,
     leak_runs=100,
@@ -213,43 +216,49 @@ def bench_step(key: str, cfg: Config, graph: bool) -> StepResult:
     ns = w.namespace()
     histories = {"default": History(), "copies": History()}
     errors: list[str] = []
-    phases: dict[str, dict[str, list[float]]] = {"plain": {}, "default": {}, "copies": {}}
+    # Phase times per variant; plain steps are kept per pairing ("plain/default").
+    phases: dict[str, dict[str, list[float]]] = {}
 
-    def variant(name: str, **kwargs: Any) -> Callable[[], None]:
+    def variant(name: str, into: str, **kwargs: Any) -> Callable[[], None]:
         def block() -> Any:
             return gradmagic.watch(ns, history=histories[name], graph=graph, **kwargs)
 
         def run() -> None:
-            rec = phased_step(w, phases[name], block if name != "plain" else None)
+            rec = phased_step(w, phases.setdefault(into, {}), block if name != "plain" else None)
             if rec is not None:
                 errors.extend(rec.internal_errors)
 
         return run
 
-    fns = {
-        "plain": variant("plain"),
-        "default": variant("default"),
-        "copies": variant("copies", copies=True),
-    }
-    cpu: dict[str, list[float]] = {}
-    times = interleaved(fns, cfg.rounds[key], cfg.warmup, cpu)
     n = cfg.rounds[key]
-    extra = {}
-    for name in ("default", "copies"):
+    variants, cpu_variants = {}, {}
+    extra, plain = {}, {}
+    # Each watched variant runs against plain steps of its own (A B, B A, ...): what one
+    # variant does to the allocator (copies=True copies every gradient) never lands in
+    # the other's rounds.
+    for name, kwargs in (("default", {}), ("copies", {"copies": True})):
+        fns = {"plain": variant("plain", f"plain/{name}"), name: variant(name, name, **kwargs)}
+        cpu: dict[str, list[float]] = {}
+        times = interleaved(fns, n, cfg.warmup, cpu)
+        variants[name] = compare(times, "plain")[name]
+        cpu_variants[name] = compare(cpu, "plain")[name]
+        if name == "default":
+            variants["plain"] = compare(times, "plain")["plain"]
+            cpu_variants["plain"] = compare(cpu, "plain")["plain"]
+        base = phases[f"plain/{name}"]
         extra[name] = {
-            ph: statistics.median(
-                a - b for a, b in zip(phases[name][ph][-n:], phases["plain"][ph][-n:])
-            )
+            ph: statistics.median(a - b for a, b in zip(phases[name][ph][-n:], base[ph][-n:]))
             for ph in PHASES
         }
-    plain = {ph: statistics.median(phases["plain"][ph][-n:]) for ph in PHASES}
+        if name == "default":
+            plain = {ph: statistics.median(base[ph][-n:]) for ph in PHASES}
     result = StepResult(
         key,
         w.name,
         w.description,
         w.n_params,
-        compare(times, "plain"),
-        compare(cpu, "plain"),
+        variants,
+        cpu_variants,
         extra,
         plain,
         sorted(set(errors)),
@@ -700,7 +709,9 @@ def render_markdown(
     L.append("")
     L.append(
         "Each watched step is a whole `with gradmagic.watch(ns):` block (what one `%%grad` "
-        "cell does, report not built). Variants interleaved; ratio and extra time are the "
+        "cell does, report not built). Each variant runs interleaved with plain steps of "
+        "its own (A B, B A, ...; *n* rounds each), so what `copies=True` does to the "
+        "allocator never lands in the default's rounds; ratio and extra time are the "
         "medians of per-round ratios/differences against the plain step of the same round "
         "(wall clock); *CPU ratio* is the same in process CPU time, which other processes "
         "on the machine disturb less."

@@ -460,14 +460,21 @@ class Recorder:
             rec.before_copy = None
 
     def _name_graph(self, record: BackwardRecord, namer: Namer) -> None:
-        """Put root names (`loss`) and module calls on the graph snapshot."""
+        """Put root names (`loss`) on the graph snapshot."""
         snap = record.graph
         if len(snap.roots) == len(record.roots):
             for nid, name in zip(snap.roots, record.roots):
                 if name and not snap.nodes[nid].root_name:
                     snap.nodes[nid].root_name = name
-        if self.module_spans is not None:
-            self.module_spans.assign(snap, module_name=namer.module_name)
+
+    def _assign_modules(self) -> None:
+        """Which module call made each op: for the drawing, so done when a report is built."""
+        spans, self.module_spans = self.module_spans, None
+        if spans is None or self.namer is None:
+            return
+        for record in self.records:
+            if record.graph is not None:
+                spans.assign(record.graph, module_name=self.namer.module_name)
 
     def _live_grads(self, wanted: Any) -> list[tuple[LeafRecord, torch.Tensor]]:
         """(record, grad) for norm-only summaries whose gradient is still what backward left."""
@@ -587,6 +594,7 @@ class Recorder:
 
             self.close()
             self._guard(self.complete_summaries)
+            self._guard(self._assign_modules)
             if self.optimizer_steps:
                 from .probes import complete_norms
 

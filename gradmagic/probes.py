@@ -203,6 +203,37 @@ class OptimizerStepProbe:
         copies = iter(stats.exact_copies([t for t in tensors if self._exact(t)]))
         return [next(copies) if self._exact(t) else next(summaries) for t in tensors]
 
+    def _measure(self, items: list[tuple[_LiveParam, torch.Tensor]]) -> tuple[dict, dict]:
+        """Values after the last step and how far the steps moved them, by id(item).
+
+        Small parameters: exact values and their change. Large ones within the copy
+        budget: norms after, before and of the change, in one batched pass.
+        """
+        small = [
+            (item, p)
+            for item, p in items
+            if isinstance(item.before, torch.Tensor) and item.before.shape == p.shape
+        ]
+        moved = [
+            (item, p)
+            for item, p in items
+            if item.first_copy is not None and item.first_copy.shape == p.shape
+        ]
+        afters: dict[int, Any] = {}
+        changes: dict[int, Any] = {}
+        for (item, _), after in zip(small, stats.exact_copies([p for _, p in small])):
+            afters[id(item)], changes[id(item)] = after, after - item.before
+        tensors = [p for _, p in moved]
+        befores = [item.first_copy for item, _ in moved]
+        found = stats.norms(tensors + befores + stats.differences(tensors, befores))
+        n = len(moved)
+        for k, (item, p) in enumerate(moved):
+            shape, dtype = tuple(p.shape), stats.dtype_name(p.dtype)
+            afters[id(item)] = stats.TensorSummary(shape, dtype, p.numel(), found[k])
+            item.before = stats.TensorSummary(shape, dtype, p.numel(), found[n + k])
+            changes[id(item)] = found[2 * n + k]
+        return afters, changes
+
     def finish(self, recorder: Any) -> None:
         """Name what stepped and measure how far it moved; drop every reference."""
         namer = recorder.namer or Namer(recorder.namespace)
@@ -211,40 +242,10 @@ class OptimizerStepProbe:
             optimizer = live.ref()
             items = [(item, item.ref()) for item in live.params.values()]
             items = [(item, p) for item, p in items if p is not None]
-            # Measured: small parameters (copied) and large ones within the budget.
-            measured = [
-                (item, p)
-                for item, p in items
-                if item.before is not None or item.first_copy is not None
-            ]
-            afters_now = iter(self._values([p for _, p in measured]))
-            afters = {id(item): next(afters_now) for item, _ in measured}
-            moved = [
-                (item, p)
-                for item, p in measured
-                if item.first_copy is not None and item.first_copy.shape == p.shape
-            ]
-            # Norms before the step, then of the change, in one batch.
-            moved_norms = stats.norms(
-                [item.first_copy for item, _ in moved]
-                + [p.detach() - item.first_copy for item, p in moved]
-            )
-            for k, (item, _) in enumerate(moved):
-                item.before = stats.TensorSummary(
-                    tuple(item.first_copy.shape),
-                    stats.dtype_name(item.first_copy.dtype),
-                    item.first_copy.numel(),
-                    moved_norms[k],
-                )
-            norms = iter(moved_norms[len(moved) :])
-            moved_ids = {id(item) for item, _ in moved}
+            afters, changes = self._measure(items)
             params = []
             for i, (item, p) in enumerate(items):
-                after = afters.get(id(item))
-                if isinstance(after, torch.Tensor) and isinstance(item.before, torch.Tensor):
-                    change: Any = after - item.before
-                else:
-                    change = next(norms) if id(item) in moved_ids else None
+                after, change = afters.get(id(item)), changes.get(id(item))
                 name = row_names.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
                 ref = weakref.ref(p) if after is None else None
                 params.append(
@@ -339,6 +340,37 @@ class WarningProbe:
         # If someone wrapped ours meanwhile, leave the chain intact: ours just passes on.
         if warnings._showwarnmsg == self._show:  # type: ignore[attr-defined]
             warnings._showwarnmsg = self._original  # type: ignore[attr-defined]
+
+    def _measure(self, items: list[tuple[_LiveParam, torch.Tensor]]) -> tuple[dict, dict]:
+        """Values after the last step and how far the steps moved them, by id(item).
+
+        Small parameters: exact values and their change. Large ones within the copy
+        budget: norms after, before and of the change, in one batched pass.
+        """
+        small = [
+            (item, p)
+            for item, p in items
+            if isinstance(item.before, torch.Tensor) and item.before.shape == p.shape
+        ]
+        moved = [
+            (item, p)
+            for item, p in items
+            if item.first_copy is not None and item.first_copy.shape == p.shape
+        ]
+        afters: dict[int, Any] = {}
+        changes: dict[int, Any] = {}
+        for (item, _), after in zip(small, stats.exact_copies([p for _, p in small])):
+            afters[id(item)], changes[id(item)] = after, after - item.before
+        tensors = [p for _, p in moved]
+        befores = [item.first_copy for item, _ in moved]
+        found = stats.norms(tensors + befores + stats.differences(tensors, befores))
+        n = len(moved)
+        for k, (item, p) in enumerate(moved):
+            shape, dtype = tuple(p.shape), stats.dtype_name(p.dtype)
+            afters[id(item)] = stats.TensorSummary(shape, dtype, p.numel(), found[k])
+            item.before = stats.TensorSummary(shape, dtype, p.numel(), found[n + k])
+            changes[id(item)] = found[2 * n + k]
+        return afters, changes
 
     def finish(self, recorder: Any) -> None:
         """Which non-leaf `.grad` the block read, from the warnings and the source."""

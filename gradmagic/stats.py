@@ -104,6 +104,16 @@ def exact_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [t.detach().clone() for t in tensors]
 
 
+def differences(
+    afters: Sequence[torch.Tensor], befores: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """`after - before` for each pair, in one batched op."""
+    if not afters:
+        return []
+    with torch.no_grad():
+        return list(torch._foreach_sub([t.detach() for t in afters], list(befores)))
+
+
 def norms(tensors: Sequence[torch.Tensor]) -> list[float]:
     """Euclidean norms of many tensors with one host synchronisation per device."""
     if not tensors:

@@ -284,6 +284,12 @@ def _number_text(value: float | int | bool) -> str:
 def _saved_text(value: Any) -> str | None:
     if value is None:
         return None
+    if type(value) in (tuple, list) and all(type(v) is int for v in value):
+        # Sizes, strides, dims, the most common case: `(1, 1)`, `[0, 2]`.
+        if any(v >= 2**63 for v in value):
+            value = type(value)(v - 2**64 if v >= 2**63 else v for v in value)
+        text = str(value)
+        return text if len(text) <= 40 else text[:38] + "…" + text[-1]
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 and value.device.type == "cpu":
             return _number_text(value.item())  # `3 * x` saves 3 as a 0-dim tensor
