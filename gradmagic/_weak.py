@@ -30,11 +30,23 @@ class WeakIdMap:
     0
     """
 
-    __slots__ = ("_data", "__weakref__")
+    __slots__ = ("_data", "_drop", "__weakref__")
 
     def __init__(self) -> None:
         # id(obj) -> (weak reference to obj, value)
-        self._data: dict[int, tuple[weakref.ref, Any]] = {}
+        self._data: dict[int, tuple[weakref.KeyedRef, Any]] = {}
+        # One callback for every entry, holding the map weakly (a map that is gone has
+        # nothing to clean); each reference carries its key, as in WeakValueDictionary.
+        self_ref = weakref.ref(self)
+
+        def drop(ref: weakref.KeyedRef) -> None:
+            owner = self_ref()
+            if owner is not None:
+                item = owner._data.get(ref.key)
+                if item is not None and item[0] is ref:
+                    del owner._data[ref.key]
+
+        self._drop = drop
 
     def get(self, obj: Any, default: Any = None) -> Any:
         item = self._data.get(id(obj))
@@ -54,7 +66,7 @@ class WeakIdMap:
         if item is not None and item[0]() is obj:
             self._data[key] = (item[0], value)
             return
-        self._data[key] = (weakref.ref(obj, _dropper(self, key)), value)
+        self._data[key] = (weakref.KeyedRef(obj, self._drop, key), value)
 
     def __contains__(self, obj: Any) -> bool:
         return self.get(obj, _MISSING) is not _MISSING
@@ -64,17 +76,3 @@ class WeakIdMap:
 
     def values(self) -> Iterator[Any]:
         return (value for ref, value in list(self._data.values()) if ref() is not None)
-
-
-def _dropper(owner: WeakIdMap, key: int) -> Any:
-    # The callback holds the map weakly: a map that is gone has nothing to clean.
-    owner_ref = weakref.ref(owner)
-
-    def drop(ref: weakref.ref) -> None:
-        data = owner_ref()
-        if data is not None:
-            item = data._data.get(key)
-            if item is not None and item[0] is ref:
-                del data._data[key]
-
-    return drop
