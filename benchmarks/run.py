@@ -701,8 +701,8 @@ def render_markdown(
     L.append("")
     if not graph:
         L.append(
-            "**`gradmagic/graph.py` is missing: every watched run used `graph=False` "
-            "(`%%grad -G`); re-run once it lands to measure the default.**"
+            "**Run with `--no-graph`: every watched run used `graph=False` "
+            "(`%%grad -G`), not the default.**"
         )
         L.append("")
     L.append("## 1. Overhead per training step (forward + backward + optimizer step)")
