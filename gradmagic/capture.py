@@ -702,8 +702,13 @@ class ModuleCalls:
         self._thread = threading.get_ident()
         hooks = nn.modules.module
         self._handles.append(hooks.register_module_forward_pre_hook(self._enter))
-        # always_call: a forward that raises still ends its call.
-        self._handles.append(hooks.register_module_forward_hook(self._exit, always_call=True))
+        try:
+            # always_call: a forward that raises still ends its call.
+            post = hooks.register_module_forward_hook(self._exit, always_call=True)
+        except BaseException:
+            self.__exit__()
+            raise
+        self._handles.append(post)
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -341,37 +341,6 @@ class WarningProbe:
         if warnings._showwarnmsg == self._show:  # type: ignore[attr-defined]
             warnings._showwarnmsg = self._original  # type: ignore[attr-defined]
 
-    def _measure(self, items: list[tuple[_LiveParam, torch.Tensor]]) -> tuple[dict, dict]:
-        """Values after the last step and how far the steps moved them, by id(item).
-
-        Small parameters: exact values and their change. Large ones within the copy
-        budget: norms after, before and of the change, in one batched pass.
-        """
-        small = [
-            (item, p)
-            for item, p in items
-            if isinstance(item.before, torch.Tensor) and item.before.shape == p.shape
-        ]
-        moved = [
-            (item, p)
-            for item, p in items
-            if item.first_copy is not None and item.first_copy.shape == p.shape
-        ]
-        afters: dict[int, Any] = {}
-        changes: dict[int, Any] = {}
-        for (item, _), after in zip(small, stats.exact_copies([p for _, p in small])):
-            afters[id(item)], changes[id(item)] = after, after - item.before
-        tensors = [p for _, p in moved]
-        befores = [item.first_copy for item, _ in moved]
-        found = stats.norms(tensors + befores + stats.differences(tensors, befores))
-        n = len(moved)
-        for k, (item, p) in enumerate(moved):
-            shape, dtype = tuple(p.shape), stats.dtype_name(p.dtype)
-            afters[id(item)] = stats.TensorSummary(shape, dtype, p.numel(), found[k])
-            item.before = stats.TensorSummary(shape, dtype, p.numel(), found[n + k])
-            changes[id(item)] = found[2 * n + k]
-        return afters, changes
-
     def finish(self, recorder: Any) -> None:
         """Which non-leaf `.grad` the block read, from the warnings and the source."""
         reads: list[str] = []
