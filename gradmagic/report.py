@@ -22,7 +22,7 @@ from .probes import DELTA_BUDGET_COPIES
 # inline styles win over it (the report's container scrolls sideways instead).
 TABLE_STYLE = "border-collapse: collapse; table-layout: auto; width: auto;"
 CELL_STYLE = (
-    "padding: 3px 8px; border-bottom: 1px solid #e5e7eb; vertical-align: top; "
+    "padding: 3px 6px; border-bottom: 1px solid #e5e7eb; vertical-align: top; "
     "text-align: left; white-space: nowrap;"
 )
 
