@@ -472,9 +472,23 @@ class Recorder:
         spans, self.module_spans = self.module_spans, None
         if spans is None or self.namer is None:
             return
+        drawn = [record.graph for record, _ in self.distinct_graphs()]
+        spans.assign(drawn, module_name=self.namer.module_name)
+
+    def distinct_graphs(self) -> list[tuple[BackwardRecord, int]]:
+        """The first record of each graph structure, and how many records share it.
+
+        A loop's steps and `retain_graph` repeats run the same structure: it is
+        drawn once.
+        """
+        found: dict[tuple[str, str], list] = {}
         for record in self.records:
-            if record.graph is not None:
-                spans.assign(record.graph, module_name=self.namer.module_name)
+            snap = record.graph
+            if snap is None or not snap.nodes:  # a loss with no grad_fn: nothing to draw
+                continue
+            entry = found.setdefault((record.kind, snap.structure), [record, 0])
+            entry[1] += 1
+        return [(record, repeat) for record, repeat in found.values()]
 
     def _live_grads(self, wanted: Any) -> list[tuple[LeafRecord, torch.Tensor]]:
         """(record, grad) for norm-only summaries whose gradient is still what backward left."""

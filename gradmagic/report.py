@@ -159,28 +159,18 @@ class GradReport:
         ]
         names = {r.key: r.name for r in recorder.leaves}
         status = {r.key: r.status for r in recorder.leaves}
-        graphs: list[GradGraph] = []
-        by_structure: dict[Any, GradGraph] = {}
-        for record in recorder.records:
-            snap = record.graph
-            if snap is None or not snap.nodes:  # e.g. a loss with no grad_fn: nothing to draw
-                continue
-            # The same structure drawn once: a retain_graph repeat, or a loop's steps.
-            key = (record.kind, snap.structure)
-            if key in by_structure:
-                by_structure[key].repeat += 1
-                continue
-            g = GradGraph(
-                snap,
-                1,
+        graphs = [
+            GradGraph(
+                record.graph,
+                repeat,
                 record.kind,
                 names,
                 status,
                 recorder.options.max_nodes,
                 recorder.options.depth,
             )
-            by_structure[key] = g
-            graphs.append(g)
+            for record, repeat in recorder.distinct_graphs()
+        ]
         return cls(
             rows=rows,
             backwards=list(recorder.records),

@@ -394,6 +394,44 @@ def test_module_spans_close_when_a_forward_raises():
     assert global_module_hooks() == hooks_before
 
 
+def test_snapshots_of_a_loop_are_assigned_in_one_pass_as_one_by_one():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Tanh(), nn.Linear(3, 1)))
+    losses = []
+    with ModuleSpans() as spans:
+        for _ in range(3):
+            losses.append(model(torch.ones(4, 2)).sum())
+            torch.ones(1, requires_grad=True).exp()  # an op between the calls, in no module
+    together = [snapshot([loss], leaf_key=lambda t: 0)[0] for loss in losses]
+    alone = [snapshot([loss], leaf_key=lambda t: 0)[0] for loss in losses]
+    spans.assign(together)
+    for snap in alone:
+        spans.assign(snap)
+    for a, b in zip(together, alone):
+        assert a.modules == b.modules
+        assert [n.module for n in a.nodes] == [n.module for n in b.nodes]
+        assert [(c.name, c.depth) for c in a.modules] == [
+            ("", 0),
+            ("0", 1),
+            ("1", 1),
+            ("1.0", 2),
+            ("1.1", 2),
+        ]
+        ops = sorted(
+            (a.modules[n.module].name if n.module is not None else "-", n.op)
+            for n in a.nodes
+            if n.kind == "op"
+        )
+        assert ops == [
+            ("-", "SumBackward0"),
+            ("0", "AddmmBackward0"),
+            ("0", "TBackward0"),
+            ("1.0", "TanhBackward0"),
+            ("1.1", "AddmmBackward0"),
+            ("1.1", "TBackward0"),
+        ], ops
+    spans.assign([])  # nothing to assign: no error
+
+
 def test_unnamed_modules_are_named_from_their_parent():
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
     with ModuleSpans() as spans:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,19 +118,35 @@ class ModuleSpans:
 
     def assign(
         self,
-        snap: GraphSnapshot,
+        snaps: GraphSnapshot | Sequence[GraphSnapshot],
         module_name: Callable[[nn.Module], str | None] | None = None,
     ) -> None:
-        """Fill `snap.modules` and each node's innermost module call.
+        """Fill `snap.modules` and each node's innermost module call, for one
+        snapshot or several (a loop's backwards: one pass over the calls for all).
 
         Ops belong to the innermost call whose sequence range holds theirs;
         leaves to the innermost call holding every op that consumes them.
         `module_name` names a module (`encoder`); calls it cannot name are
         named from their parent's `named_modules()`.
         """
+        snaps = [snaps] if isinstance(snaps, GraphSnapshot) else list(snaps)
+        if not snaps:
+            return
         names = self._names(module_name)
-        ops = sorted((n.seq, n.id) for n in snap.nodes if n.kind == "op" and n.seq is not None)
-        owner = _innermost(self._spans, ops)
+        ops = sorted(
+            (n.seq, k, n.id)
+            for k, snap in enumerate(snaps)
+            for n in snap.nodes
+            if n.kind == "op" and n.seq is not None
+        )
+        owners: list[dict[int, int]] = [{} for _ in snaps]
+        for (_, k, nid), span in zip(ops, _innermost(self._spans, [op[0] for op in ops])):
+            if span is not None:
+                owners[k][nid] = span
+        for snap, owner in zip(snaps, owners):
+            self._assign_one(snap, owner, names)
+
+    def _assign_one(self, snap: GraphSnapshot, owner: dict[int, int], names: list[str]) -> None:
         used: set[int] = set()
         for span in owner.values():
             while span is not None and span not in used:
@@ -168,24 +184,23 @@ class ModuleSpans:
         return names
 
 
-def _innermost(spans: list[_Span], ops: list[tuple[int, int]]) -> dict[int, int]:
-    """node id -> innermost span holding its sequence number (`ops` sorted by number)."""
+def _innermost(spans: list[_Span], seqs: list[int]) -> list[int | None]:
+    """The innermost span holding each sequence number (`seqs` sorted), or None."""
     order = sorted(
         (i for i, s in enumerate(spans) if s.end is not None and s.end > s.start),
         key=lambda i: (spans[i].start, i),
     )
-    owner: dict[int, int] = {}
+    owners: list[int | None] = []
     open_spans: list[int] = []
     k = 0
-    for seq, nid in ops:
+    for seq in seqs:
         while k < len(order) and spans[order[k]].start <= seq:
             open_spans.append(order[k])
             k += 1
         while open_spans and spans[open_spans[-1]].end <= seq:  # type: ignore[operator]
             open_spans.pop()
-        if open_spans:
-            owner[nid] = open_spans[-1]
-    return owner
+        owners.append(open_spans[-1] if open_spans else None)
+    return owners
 
 
 def _chain(snap: GraphSnapshot, call: int | None) -> list[int]:
