@@ -400,15 +400,13 @@ class Recorder:
                 small.append((rec, grad))
             else:
                 large.append((rec, grad))
-        copies = stats.exact_copies([g for _, g in small])
-        # One batched norm for all: it tells whether the small copies are finite, and is
-        # all that large gradients get now (full statistics when a report is built, if
-        # the gradient is still the one this backward left).
-        norms = stats.norms(copies + [g for _, g in large])
-        for (rec, _), copy, norm in zip(small, copies, norms):
+        # Small gradients are copied (whether a copy is finite is read when the block
+        # closes, for all at once); large ones get one batched norm, taken now: a clip or
+        # zero_grad() may change them before the block ends. Full statistics come when a
+        # report is built, if the gradient is still the one this backward left.
+        for (rec, _), copy in zip(small, stats.exact_copies([g for _, g in small])):
             rec.after = copy
-            rec.after_nonfinite = not math.isfinite(norm) and stats.has_nonfinite(copy)
-        for (rec, grad), norm in zip(large, norms[len(small) :]):
+        for (rec, grad), norm in zip(large, stats.norms([g for _, g in large])):
             rec.after = stats.TensorSummary(
                 tuple(grad.shape), stats.dtype_name(grad.dtype), grad.numel(), norm
             )
@@ -428,11 +426,14 @@ class Recorder:
         # what the rules read later (modules, optimizers, tensors) is held weakly.
         if self.namespace is not None:
             self.namespace = WeakNamespace(self.namespace)
+            if self.namer is not None:
+                self.namer.rebind(self.namespace)
 
     def _finish(self) -> None:
         namer = self.namer = Namer(self.namespace)
         self._add_expected(namer)
         self._complete_added()
+        self._check_finite_copies()
         for rec in self.leaves:
             self._settle(rec)
         self._name_leaves(namer)
@@ -527,6 +528,17 @@ class Recorder:
             if rec.added is rec.after:
                 rec.added = summary
             rec.after = summary
+
+    def _check_finite_copies(self) -> None:
+        """Whether each copied gradient is finite: one batched norm for the block."""
+        todo = [
+            rec
+            for rec in self.leaves
+            if rec.after_nonfinite is None and isinstance(rec.after, torch.Tensor)
+        ]
+        for rec, norm in zip(todo, stats.norms([rec.after for rec in todo])):
+            # A non-finite norm can be overflow of finite values: only then look closer.
+            rec.after_nonfinite = not math.isfinite(norm) and stats.has_nonfinite(rec.after)
 
     def _settle(self, rec: LeafRecord) -> None:
         """Decide what this block added and the status word."""

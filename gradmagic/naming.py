@@ -45,8 +45,20 @@ class Namer:
         self._modules: dict[int, str] = {}
         self._rank: dict[int, int] = {}
         self._order: dict[int, int] = {}
-        if namespace:
+        # Scanned at the first lookup: a block with nothing to name costs nothing.
+        self._pending = namespace or None
+
+    def rebind(self, namespace: Mapping[str, Any]) -> None:
+        """If no lookup has scanned the namespace yet, scan `namespace` instead (a weak
+        view of it, so that a namer kept for later holds no tensor alive)."""
+        if self._pending is not None:
+            self._pending = namespace
+
+    def _scanned(self) -> Namer:
+        namespace, self._pending = self._pending, None
+        if namespace is not None:
             self._scan(namespace)
+        return self
 
     # -- building ------------------------------------------------------------
     def _add(self, obj: Any, name: str, rank: int) -> None:
@@ -98,21 +110,21 @@ class Namer:
     # -- looking up ----------------------------------------------------------
     def names(self, obj: Any) -> list[str]:
         """Every name of a tensor, best first (tied weights have several)."""
-        return list(self._tensors.get(id(obj), ()))
+        return list(self._scanned()._tensors.get(id(obj), ()))
 
     def name(self, obj: Any) -> str | None:
-        names = self._tensors.get(id(obj))
+        names = self._scanned()._tensors.get(id(obj))
         return names[0] if names else None
 
     def order(self, obj: Any) -> int | None:
         """Where the tensor first appears in the namespace: rows follow it."""
-        return self._order.get(id(obj))
+        return self._scanned()._order.get(id(obj))
 
     def module_name(self, module: nn.Module) -> str | None:
-        return self._modules.get(id(module))
+        return self._scanned()._modules.get(id(module))
 
     def modules(self) -> dict[int, str]:
-        return dict(self._modules)
+        return dict(self._scanned()._modules)
 
 
 def fallback_name(position: int, consumer: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 import subprocess
@@ -114,10 +115,11 @@ def test_snapshot_keeps_no_tensor_and_no_node_alive():
             todo.extend(obj)
         elif isinstance(obj, dict):
             todo.extend([*obj.keys(), *obj.values()])
-        elif hasattr(obj, "__dataclass_fields__"):
-            todo.extend(vars(obj).values())
+        elif dataclasses.is_dataclass(obj):
+            todo.extend(getattr(obj, f.name) for f in dataclasses.fields(obj))
+    # Shapes stay `torch.Size` (a tuple of ints) until drawn.
     assert kinds == {
-        *("GraphSnapshot", "GraphNode", "Edge", "list", "tuple", "dict"),
+        *("GraphSnapshot", "GraphNode", "Edge", "list", "tuple", "dict", "Size"),
         *("str", "int", "bool", "NoneType"),
     }
 

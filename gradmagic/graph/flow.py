@@ -17,24 +17,31 @@ from .snapshot import GraphSnapshot, LiveNodes, flat_list
 FLOW_ELEMENTS = 1 << 20
 
 
+def _all_finite(numbers: list[Any]) -> bool:
+    """Whether every number is finite: their sum is, unless it overflowed."""
+    total = sum(numbers)
+    if cmath.isfinite(total) if isinstance(total, complex) else math.isfinite(total):
+        return True
+    return all(
+        cmath.isfinite(v) if isinstance(v, complex) else math.isfinite(v)
+        for v in numbers
+        if isinstance(v, (float, complex))
+    )
+
+
 def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
     """What the label of a gradient needs, and whether it is all finite: its values
     (`tolist()`) up to `values` elements, else `("norm", its norm)`. Formatting waits for the
-    drawing: this runs inside the backward, once per edge."""
-    g = grad.detach()  # detached: nothing here is recorded, even under create_graph
-    if g.device.type == "meta":
+    drawing: this runs inside the backward, once per edge, so it makes as few torch
+    calls as it can (one `tolist()`, or one norm)."""
+    if grad.is_meta:
         return None, True
+    g = grad.detach()  # detached: nothing here is recorded, even under create_graph
     if g.layout != torch.strided:
         g = g.coalesce().values() if g.is_sparse else g.to_dense()
     if g.numel() <= values:
-        # One host copy; finiteness is read from the Python numbers.
         listed = g.tolist()
-        finite = all(
-            cmath.isfinite(v) if isinstance(v, complex) else math.isfinite(v)
-            for v in flat_list(listed)
-            if isinstance(v, (float, complex))
-        )
-        return listed, finite
+        return listed, _all_finite(flat_list(listed))
     norm = float(torch.linalg.vector_norm(g))
     # A non-finite norm can be overflow of finite values: only then look closer.
     return ("norm", norm), math.isfinite(norm) or bool(torch.isfinite(g).all())

@@ -34,10 +34,15 @@ class Edge(NamedTuple):
     src: int
     dst: int
     slot: int  # index of `src` in `dst.next_functions`
-    shape: str  # shape of the gradient along the edge, e.g. "(2, 3)"
+    size: tuple[int, ...] | None  # shape of the gradient along the edge; None: unknown
+
+    @property
+    def shape(self) -> str:
+        """The gradient's shape as text, `(2, 3)` (formatted when drawn, not in the walk)."""
+        return "" if self.size is None else _shape_text(self.size)
 
 
-@dataclass
+@dataclass(slots=True)
 class GraphNode:
     """One autograd node: an op (`MulBackward0`) or a leaf tensor (its `AccumulateGrad`)."""
 
@@ -45,7 +50,9 @@ class GraphNode:
     kind: str  # "op" or "leaf"
     op: str = ""  # the name PyTorch gives the node
     seq: int | None = None  # autograd sequence number: creation order in the forward
-    saved: tuple[tuple[str, str], ...] = ()  # ("self", "(2, 3)"), ("exponent", "3")
+    # What the op saved, as read before the backward: numbers, int tuples, shapes
+    # (`torch.Size`), text. `saved` formats them when the node is drawn.
+    saved_values: tuple[tuple[str, Any], ...] = ()
     leaf_key: int | None = None
     shape: str = ""
     dtype: str = ""
@@ -53,6 +60,12 @@ class GraphNode:
     is_root: bool = False
     is_input: bool = False  # named in `inputs=` of the backward
     module: int | None = None  # innermost `GraphSnapshot.modules` call holding it
+
+    @property
+    def saved(self) -> tuple[tuple[str, str], ...]:
+        """What the op saved, as text: `(("self", "(2, 3)"), ("exponent", "3"))`."""
+        pairs = ((name, _saved_text(value)) for name, value in self.saved_values)
+        return tuple((name, text) for name, text in pairs if text is not None)
 
 
 @dataclass
@@ -79,7 +92,6 @@ class GraphSnapshot:
     edges: list[Edge]
     roots: list[int]
     n_ops: int
-    flow_elements: int = 0  # elements of all the gradients the backward will pass along
     # (src, dst, slot) -> the gradient along the edge: `tolist()` values or ("norm", float)
     flow_values: dict[tuple[int, int, int], Any] = field(default_factory=dict)
     flow_nonfinite_nodes: list[int] = field(default_factory=list)  # in execution order
@@ -93,6 +105,11 @@ class GraphSnapshot:
         if self._edge_flow is None or len(self._edge_flow) != len(self.flow_values):
             self._edge_flow = {key: flow_text(v) for key, v in self.flow_values.items()}
         return self._edge_flow
+
+    @functools.cached_property
+    def flow_elements(self) -> int:
+        """Elements of all the gradients the backward passes along the edges."""
+        return sum(math.prod(e.size) for e in self.edges if e.size is not None)
 
     @functools.cached_property
     def signature(self) -> str:
@@ -154,20 +171,13 @@ def _sequence_nr(node: Any) -> int | None:
         return None
 
 
-def _inputs(node: Any, light: bool) -> tuple[list[str], int]:
-    """Shapes of the gradients a node receives, and their elements in all, without
-    unpacking saved tensors (`light`: neither)."""
-    if light:
-        return [], 0
+def _input_sizes(node: Any) -> list[Any]:
+    """Shapes of the gradients a node receives (`torch.Size`), without unpacking saved
+    tensors; an empty list where torch cannot say."""
     try:
-        shapes = [meta.shape for meta in node._input_metadata]
+        return [meta.shape for meta in node._input_metadata]
     except Exception:  # noqa: BLE001 - nested tensors and older torch: edges go unlabelled
-        return [], 0
-    try:
-        elements = sum(math.prod(shape) for shape in shapes)
-    except Exception:  # noqa: BLE001 - unknown sizes count as none
-        elements = 0
-    return [_shape_text(shape) for shape in shapes], elements
+        return []
 
 
 def _next_functions(node: Any) -> tuple:
@@ -207,8 +217,9 @@ def _saved_attributes(node_type: type) -> tuple[tuple[str, str, str | None], ...
     return tuple(plan)
 
 
-def _saved_values(node: Any) -> tuple[tuple[str, str], ...]:
-    found: dict[str, str] = {}
+def _saved_values(node: Any) -> tuple[tuple[str, Any], ...]:
+    """What a node saved, read now (a backward frees it) and formatted when drawn."""
+    found: dict[str, Any] = {}
     for name, attr, fallback in _saved_attributes(type(node)):
         try:
             value = getattr(node, attr)
@@ -217,15 +228,15 @@ def _saved_values(node: Any) -> tuple[tuple[str, str], ...]:
         if attr.endswith("_sym_sizes"):
             if value is None and fallback is not None:
                 try:
-                    text = _saved_text(getattr(node, fallback))
+                    value = _saved_raw(getattr(node, fallback))
                 except Exception:  # noqa: BLE001 - freed
                     continue
             else:
-                text = _shape_text(value or ())  # `x_sym_sizes`: shown as x's shape
+                value = _size(value or ())  # `x_sym_sizes`: shown as x's shape
         else:
-            text = _saved_text(value)
-        if text is not None:
-            found.setdefault(name, text)
+            value = _saved_raw(value)
+        if value is not None and name not in found:
+            found[name] = value
     if isinstance(node, torch.autograd.function.BackwardCFunction):
         try:
             tensors = node.saved_tensors  # custom autograd.Function: ctx.save_for_backward
@@ -234,6 +245,28 @@ def _saved_values(node: Any) -> tuple[tuple[str, str], ...]:
         if tensors:
             found["saved"] = _saved_text(list(tensors)) or ""
     return tuple(found.items())
+
+
+def _size(dims: Any) -> Any:
+    """Sizes as a `torch.Size` (drawn as a shape); text when they are symbolic."""
+    try:
+        return torch.Size(dims)
+    except Exception:  # noqa: BLE001 - symbolic sizes: their text
+        return _shape_text(dims)
+
+
+def _saved_raw(value: Any) -> Any:
+    """A saved value as plain data that holds no tensor: numbers, int tuples and text
+    as they are, a tensor as its shape (or its number, when 0-dim on the CPU)."""
+    if value is None or type(value) in (int, float, bool, str):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and value.device.type == "cpu":
+            return value.item()  # `3 * x` saves 3 as a 0-dim tensor
+        return value.shape
+    if type(value) in (tuple, list) and all(type(v) is int for v in value):
+        return value
+    return _saved_text(value)
 
 
 def _sequence_counter() -> Callable[[], int] | None:
@@ -284,6 +317,8 @@ def _number_text(value: float | int | bool) -> str:
 def _saved_text(value: Any) -> str | None:
     if value is None:
         return None
+    if type(value) is torch.Size:
+        return _shape_text(value)
     if type(value) in (tuple, list) and all(type(v) is int for v in value):
         # Sizes, strides, dims, the most common case: `(1, 1)`, `[0, 2]`.
         if any(v >= 2**63 for v in value):
@@ -369,8 +404,7 @@ class _Walk:
         # id(autograd node) -> node id. `live` keeps every node object alive during the
         # walk, so an id() cannot be reused by another node.
         self.ids: dict[int, int] = {}
-        self.in_shapes: list[list[str]] = []
-        self.flow_elements = 0
+        self.in_sizes: list[list[Any]] = []  # node id -> sizes of the gradients it receives
         self.stack: list[int] = []
         self.roots: list[int] = []
         self.input_leaves = {
@@ -400,9 +434,7 @@ class _Walk:
         self.ids[id(node)] = nid
         self.live[nid] = node
         self.nodes.append(self.describe(nid, node))
-        shapes, elements = _inputs(node, self.light)
-        self.in_shapes.append(shapes)
-        self.flow_elements += elements
+        self.in_sizes.append([] if self.light else _input_sizes(node))
         self.stack.append(nid)
         return nid
 
@@ -422,7 +454,7 @@ class _Walk:
             "op",
             op=_op_name(node),
             seq=_sequence_nr(node),
-            saved=() if self.light else _saved_values(node),
+            saved_values=() if self.light else _saved_values(node),
             is_input=id(node) in self.input_nodes,
         )
 
@@ -433,9 +465,9 @@ class _Walk:
                 if child is None:  # an input that does not require grad
                     continue
                 cid = self.intern(child)
-                shapes = self.in_shapes[cid]
-                shape = shapes[input_nr] if input_nr < len(shapes) else ""
-                self.edges.append(Edge(cid, nid, slot, shape))
+                sizes = self.in_sizes[cid]
+                size = sizes[input_nr] if input_nr < len(sizes) else None
+                self.edges.append(Edge(cid, nid, slot, size))
 
     def finish(self) -> GraphSnapshot:
         return GraphSnapshot(
@@ -443,7 +475,6 @@ class _Walk:
             edges=self.edges,
             roots=self.roots,
             n_ops=sum(n.kind == "op" for n in self.nodes),
-            flow_elements=self.flow_elements,
         )
 
 
