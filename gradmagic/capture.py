@@ -17,7 +17,6 @@ are copied, large ones summarised (`stats.py`).
 from __future__ import annotations
 
 import ast
-import math
 import re
 import sys
 import threading
@@ -536,9 +535,8 @@ class Recorder:
             for rec in self.leaves
             if rec.after_nonfinite is None and isinstance(rec.after, torch.Tensor)
         ]
-        for rec, norm in zip(todo, stats.norms([rec.after for rec in todo])):
-            # A non-finite norm can be overflow of finite values: only then look closer.
-            rec.after_nonfinite = not math.isfinite(norm) and stats.has_nonfinite(rec.after)
+        for rec, finite in zip(todo, stats.all_finite([rec.after for rec in todo])):
+            rec.after_nonfinite = not finite
 
     def _settle(self, rec: LeafRecord) -> None:
         """Decide what this block added and the status word."""

@@ -9,9 +9,11 @@ single `.tolist()`.
 
 from __future__ import annotations
 
+import cmath
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -251,6 +253,40 @@ def _masked_summaries(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> lis
                     note="sparse" if t.is_sparse else "",
                 )
     return rows  # type: ignore[return-value]
+
+
+def finite_numbers(numbers: list[Any]) -> bool:
+    """Whether every number of a flat `tolist()` is finite: their sum is, unless it
+    overflowed (then each is checked)."""
+    total = sum(numbers)
+    if cmath.isfinite(total) if isinstance(total, complex) else math.isfinite(total):
+        return True
+    return all(
+        cmath.isfinite(v) if isinstance(v, complex) else math.isfinite(v)
+        for v in numbers
+        if isinstance(v, (float, complex))
+    )
+
+
+# Up to this many elements, reading the numbers to the host beats a norm kernel.
+_FINITE_BY_LIST = 64
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
+    """Whether each tensor holds only finite numbers (meta and empty ones do)."""
+    out: list[bool] = [True] * len(tensors)
+    large: list[int] = []
+    for i, t in enumerate(tensors):
+        if t.is_meta:
+            continue
+        if t.numel() <= _FINITE_BY_LIST and t.layout == torch.strided:
+            out[i] = finite_numbers(t.detach().reshape(-1).tolist())
+        else:
+            large.append(i)
+    for i, norm in zip(large, norms([tensors[i] for i in large])):
+        # A non-finite norm can be overflow of finite values: only then look closer.
+        out[i] = math.isfinite(norm) or not has_nonfinite(tensors[i])
+    return out
 
 
 def has_nonfinite(t: torch.Tensor) -> bool:

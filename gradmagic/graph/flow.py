@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import cmath
 import functools
 import math
 from typing import Any
 
 import torch
 
+from .. import stats
 from .snapshot import GraphSnapshot, LiveNodes, flat_list
 
 # Flow is recorded only when the gradients of the whole backward hold at most this
 # many elements: a CNN's activation gradients run to millions on every edge, and
 # their norms would cost more than the rest of gradmagic.
 FLOW_ELEMENTS = 1 << 20
-
-
-def _all_finite(numbers: list[Any]) -> bool:
-    """Whether every number is finite: their sum is, unless it overflowed."""
-    total = sum(numbers)
-    if cmath.isfinite(total) if isinstance(total, complex) else math.isfinite(total):
-        return True
-    return all(
-        cmath.isfinite(v) if isinstance(v, complex) else math.isfinite(v)
-        for v in numbers
-        if isinstance(v, (float, complex))
-    )
 
 
 def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
@@ -41,7 +29,7 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
         g = g.coalesce().values() if g.is_sparse else g.to_dense()
     if g.numel() <= values:
         listed = g.tolist()
-        return listed, _all_finite(flat_list(listed))
+        return listed, stats.finite_numbers(flat_list(listed))
     norm = float(torch.linalg.vector_norm(g))
     # A non-finite norm can be overflow of finite values: only then look closer.
     return ("norm", norm), math.isfinite(norm) or bool(torch.isfinite(g).all())

@@ -404,7 +404,7 @@ class _Walk:
         # id(autograd node) -> node id. `live` keeps every node object alive during the
         # walk, so an id() cannot be reused by another node.
         self.ids: dict[int, int] = {}
-        self.in_sizes: list[list[Any]] = []  # node id -> sizes of the gradients it receives
+        self.in_sizes: list[Sequence[Any]] = []  # node id -> sizes of the gradients it gets
         self.stack: list[int] = []
         self.roots: list[int] = []
         self.input_leaves = {
@@ -428,13 +428,16 @@ class _Walk:
 
     def intern(self, node: Any) -> int:
         nid = self.ids.get(id(node))
-        if nid is not None:
-            return nid
+        if nid is None:
+            nid = self._add(node)
+        return nid
+
+    def _add(self, node: Any) -> int:
         nid = len(self.nodes)
         self.ids[id(node)] = nid
         self.live[nid] = node
         self.nodes.append(self.describe(nid, node))
-        self.in_sizes.append([] if self.light else _input_sizes(node))
+        self.in_sizes.append(() if self.light else _input_sizes(node))
         self.stack.append(nid)
         return nid
 
@@ -452,22 +455,27 @@ class _Walk:
         return GraphNode(
             nid,
             "op",
-            op=_op_name(node),
-            seq=_sequence_nr(node),
-            saved_values=() if self.light else _saved_values(node),
+            _op_name(node),
+            _sequence_nr(node),
+            () if self.light else _saved_values(node),
             is_input=id(node) in self.input_nodes,
         )
 
     def run(self) -> None:
-        while self.stack:
-            nid = self.stack.pop()
-            for slot, (child, input_nr) in enumerate(_next_functions(self.live[nid])):
+        # The hot loop of every watched backward: names bound once, known nodes looked
+        # up without a call.
+        stack, live, ids, in_sizes = self.stack, self.live, self.ids, self.in_sizes
+        add, edge = self._add, self.edges.append
+        while stack:
+            nid = stack.pop()
+            for slot, (child, input_nr) in enumerate(_next_functions(live[nid])):
                 if child is None:  # an input that does not require grad
                     continue
-                cid = self.intern(child)
-                sizes = self.in_sizes[cid]
-                size = sizes[input_nr] if input_nr < len(sizes) else None
-                self.edges.append(Edge(cid, nid, slot, size))
+                cid = ids.get(id(child))
+                if cid is None:
+                    cid = add(child)
+                sizes = in_sizes[cid]
+                edge(Edge(cid, nid, slot, sizes[input_nr] if input_nr < len(sizes) else None))
 
     def finish(self) -> GraphSnapshot:
         return GraphSnapshot(
