@@ -80,7 +80,9 @@ class BackwardRecord:
     leaf_keys: list[int] = field(default_factory=list)
     error: str | None = None
     results: list[Any] | None = None  # what torch.autograd.grad returned
-    graph: Any = None  # graph.GraphSnapshot when recorded
+    # graph.GraphSnapshot when recorded; a repeat of a graph recorded earlier in the block
+    # is folded (no nodes) and points to it through `graph.repeat_of`.
+    graph: Any = None
     _root_refs: list[Any] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
@@ -203,6 +205,11 @@ class Recorder:
         self.probes.append(self.created_names)
         self._pending: list[torch.Tensor] = []
         self._adds_to_earlier: list[LeafRecord] = []
+        # Graphs recorded so far, by (kind, structure); the block's first one is keyed
+        # only if a second backward comes, so a one-step cell never hashes its graph.
+        self._firsts: dict[tuple[str, str], Any] = {}
+        self._unkeyed: list[BackwardRecord] = []
+        self._retained = False  # some backward kept its graph (`retain_graph=True`)
         self.findings: list[Any] = []
         self.namer: Namer | None = None  # built once when the block closes
 
@@ -373,6 +380,7 @@ class Recorder:
 
     # -- after the engine ran ---------------------------------------------------
     def _end(self, record: BackwardRecord, call: _engine.EngineCall, result: Any) -> None:
+        self._fold_repeat(record)
         if record.kind == "grad":
             for key in record.leaf_keys:
                 self.leaves[key].grad_calls += 1
@@ -409,6 +417,29 @@ class Recorder:
             rec.after = stats.TensorSummary(
                 tuple(grad.shape), stats.dtype_name(grad.dtype), grad.numel(), norm
             )
+
+    def _fold_repeat(self, record: BackwardRecord) -> None:
+        """Fold the graph of a backward that repeats one recorded earlier in the block:
+        a training loop keeps one snapshot per structure, not one per step. A repeat
+        whose gradients went non-finite is kept, for the op that made them."""
+        snap = record.graph
+        if snap is None:
+            return
+        self._retained = self._retained or record.retain_graph
+        if not self._firsts and not self._unkeyed:
+            self._unkeyed.append(record)  # the block's first graph: keyed if another comes
+            return
+        for earlier in self._unkeyed:
+            self._firsts.setdefault((earlier.kind, earlier.graph.structure), earlier.graph)
+        self._unkeyed.clear()
+        key = (record.kind, snap.structure)
+        first = self._firsts.setdefault(key, snap)
+        if first is snap:
+            return
+        if snap.flow_nonfinite_nodes:
+            snap.repeat_of = first
+        else:
+            snap.fold(first, keep_signature=self._retained)
 
     # -- closing ----------------------------------------------------------------
     def close(self) -> None:
@@ -484,9 +515,11 @@ class Recorder:
         found: dict[tuple[str, str], list] = {}
         for record in self.records:
             snap = record.graph
-            if snap is None or not snap.nodes:  # a loss with no grad_fn: nothing to draw
+            if snap is None or not (snap.nodes or snap.folded):  # a loss with no grad_fn
                 continue
-            entry = found.setdefault((record.kind, snap.structure), [record, 0])
+            # A repeat folded in the block counts with the graph it repeats, which came first.
+            first = snap.repeat_of or snap
+            entry = found.setdefault((record.kind, first.structure), [record, 0])
             entry[1] += 1
         return [(record, repeat) for record, repeat in found.values()]
 

@@ -212,3 +212,59 @@ def test_the_report_graph_shows_the_chain_rule_on_its_edges(ip):
     assert "[36., 81.]" in source and "[-12., -8.]" in source
     html = rep._repr_html_()
     assert html.count("<svg") == 1 and "[36., 81.]" in html
+
+
+def test_a_training_loop_keeps_one_graph_per_structure():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+    w = torch.tensor([2.0], requires_grad=True)
+    with gradmagic.watch({"model": model, "opt": opt, "w": w}) as rec:
+        for _ in range(30):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        (w**3).sum().backward()  # another structure: d/dw of w^3 is 3w^2 = 12
+    graphs = [r.graph for r in rec.records]
+    first = graphs[0]
+    assert len(graphs) == 31 and not first.folded and first.nodes
+    assert all(g.folded and g.repeat_of is first and not g.nodes for g in graphs[1:30])
+    assert all(g.n_ops == first.n_ops for g in graphs[1:30])
+    assert not graphs[30].folded and graphs[30].repeat_of is None
+    rep = rec.report()
+    assert [(g.snapshot, g.repeat) for g in rep.graphs] == [(first, 30), (graphs[30], 1)]
+    assert "ran 30× in this cell" in rep.graphs[0].digraph.source
+    # The drawing of the first step keeps its module grouping and its flow.
+    assert [c.name for c in first.modules] == ["model", "model.0", "model.1", "model.2"]
+    assert first.edge_flow
+    assert torch.equal(rep.table.loc["w", "after"], torch.tensor([12.0]))
+
+
+def test_a_loop_keeps_the_step_whose_gradients_went_non_finite():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gradmagic.watch({"x": x}) as rec:
+        for shift in (1.0, 1.0, 0.0, 1.0):  # the third step takes log(0) at x - 1
+            x.grad = None
+            torch.log(x - 1 + shift).sum().backward()
+    graphs = [r.graph for r in rec.records]
+    assert [g.folded for g in graphs] == [False, True, False, True]
+    assert graphs[2].repeat_of is graphs[0] and graphs[2].first_nonfinite_op == "LogBackward0"
+    rep = rec.report()
+    assert [g.repeat for g in rep.graphs] == [4]
+    # The last step's gradient is finite again, and the table shows the last step.
+    assert rep.table.loc["x", "status"] == "new"
+    assert "nan-inf" not in [f.kind for f in rep.findings]
+
+
+def test_retain_graph_repeats_fold_and_still_count_as_the_same_graph():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gradmagic.watch({"x": x}) as rec:
+        loss = (x**2).sum()
+        for _ in range(3):
+            loss.backward(retain_graph=True)
+    first, *repeats = [r.graph for r in rec.records]
+    assert all(g.folded and g == first for g in repeats)
+    [finding] = [f for f in rec.report().findings if f.kind == "retain-graph"]
+    assert "(it ran 3 times here)" in finding.message
+    assert torch.equal(rec.report().table.loc["x", "after"], torch.tensor([6.0, 12.0]))

@@ -85,7 +85,9 @@ class GraphSnapshot:
     Snapshots compare equal when they are of the same autograd graph (a
     `retain_graph=True` repeat): `signature` includes the sequence numbers.
     `structure` leaves them out, so a loop that rebuilds the same graph each
-    step gives equal `structure` and different `signature`.
+    step gives equal `structure` and different `signature`. A snapshot that
+    repeats one recorded before (`repeat_of`) can be `fold`ed: a loop keeps one
+    snapshot per structure, not one per step.
     """
 
     nodes: list[GraphNode]
@@ -96,6 +98,8 @@ class GraphSnapshot:
     flow_values: dict[tuple[int, int, int], Any] = field(default_factory=dict)
     flow_nonfinite_nodes: list[int] = field(default_factory=list)  # in execution order
     modules: list[ModuleCall] = field(default_factory=list)
+    repeat_of: GraphSnapshot | None = field(default=None, repr=False)  # same structure, earlier
+    folded: bool = False  # nodes, edges and flow dropped: drawn from `repeat_of`
     _edge_flow: dict[tuple[int, int, int], str] | None = field(default=None, repr=False)
 
     @property
@@ -118,19 +122,32 @@ class GraphSnapshot:
 
     @functools.cached_property
     def structure(self) -> str:
-        """The same for graphs of the same shape (a loop that rebuilds its graph)."""
+        """The same for graphs of the same shape over the same leaves (a loop that rebuilds
+        its graph), whatever their roots are called."""
         return self._digest(with_seq=False)
 
     def _digest(self, with_seq: bool) -> str:
-        # Hashed when first asked (by the report), not in the backward.
+        # Hashed when first asked (by the report, or by a block's second backward, before
+        # roots are named: the names of the roots are left out).
         digest = hashlib.blake2b(digest_size=16)
         for n in self.nodes:
             seq = f"{n.seq}" if with_seq else ""
             digest.update(
-                f"{n.kind}|{n.op}|{n.leaf_key}|{n.shape}|{n.root_name}|{n.is_input};{seq}".encode()
+                f"{n.kind}|{n.op}|{n.leaf_key}|{n.shape}|{n.is_root}|{n.is_input};{seq}".encode()
             )
         digest.update(";".join(f"{e.src},{e.dst},{e.slot}" for e in self.edges).encode())
         return digest.hexdigest()
+
+    def fold(self, first: GraphSnapshot, keep_signature: bool) -> None:
+        """Make this snapshot a repeat of `first`: drop its nodes, edges and flow, keep
+        `n_ops` and (with `keep_signature`, to tell a `retain_graph` repeat) its signature."""
+        if keep_signature:
+            self.signature  # noqa: B018 - computed and cached while the nodes are here
+        else:
+            self.__dict__["signature"] = f"folded {id(self)}"  # equal to no other snapshot
+        self.repeat_of, self.folded = first, True
+        self.nodes, self.edges, self.roots = [], [], []
+        self.flow_values, self._edge_flow = {}, None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GraphSnapshot) and other.signature == self.signature
