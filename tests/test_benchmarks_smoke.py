@@ -9,6 +9,7 @@ what is checked.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -50,6 +51,14 @@ def test_smoke_run_writes_every_section(run, tmp_path):
     for workload in ("tiny MLP", "ResNet-18", "Transformer LM"):
         assert f"| {workload} |" in text
     assert "tiny MLP cell" in text and "seed cell" in text
+    assert "### A training loop in one cell" in text
+    # Ratios come with their bootstrap interval.
+    assert re.search(r"\| \d\.\d{3}× \[\d\.\d{3}, \d\.\d{3}\] \|", text)
+    # graph.py ran on the tiny models and its rows reached the targets.
+    for graph in ("ResNet-18 (b)", "transformer LM (c)", "200-op chain"):
+        assert f"| {graph} |" in text
+    assert "transformer graph: snapshot + collapsed render faster than torchviz" in text
+    assert "200-op chain drawn within the node budget in < 2 s" in text
     # The default mode keeps no large gradient copy; copies=True keeps at least one.
     assert "default holds no large gradient copies | 0 B in large tensors" in text
     assert "| `-q -o rep` |" in text
@@ -70,10 +79,12 @@ def test_held_bytes_counts_copies_not_user_tensors(run):
 
 
 def test_timed_functions_restores_what_it_wraps(run):
+    import profiling
+
     from gradmagic import stats
 
     original = stats.norms
-    with run.timed_functions(("gradmagic.stats:norms", "gradmagic.nope:missing")) as totals:
+    with profiling.timed_functions(("gradmagic.stats:norms", "gradmagic.nope:missing")) as totals:
         assert stats.norms is not original
         import torch
 
