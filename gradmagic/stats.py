@@ -268,18 +268,19 @@ def finite_numbers(numbers: list[Any]) -> bool:
     )
 
 
-# Up to this many elements, reading the numbers to the host beats a norm kernel.
+# Up to this many elements on the CPU, reading the numbers beats a norm kernel.
 _FINITE_BY_LIST = 64
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
-    """Whether each tensor holds only finite numbers (meta and empty ones do)."""
+    """Whether each tensor holds only finite numbers (meta and empty ones do). Small CPU
+    tensors are read as numbers; the rest take `norms` (one host sync per device)."""
     out: list[bool] = [True] * len(tensors)
     large: list[int] = []
     for i, t in enumerate(tensors):
         if t.is_meta:
             continue
-        if t.numel() <= _FINITE_BY_LIST and t.layout == torch.strided:
+        if t.is_cpu and t.numel() <= _FINITE_BY_LIST and t.layout == torch.strided:
             out[i] = finite_numbers(t.detach().reshape(-1).tolist())
         else:
             large.append(i)
