@@ -562,7 +562,7 @@ class Recorder:
             rec.after = summary
 
     def _check_finite_copies(self) -> None:
-        """Whether each copied gradient is finite: one batched norm for the block."""
+        """Whether each copied gradient is finite, checked once for the block."""
         todo = [
             rec
             for rec in self.leaves
