@@ -131,7 +131,7 @@ def measure(
     draw_s, source = _median(draw, repeats)
     render_s, result = _median(lambda: render_svg(source, engine="dot"), repeats)
     if result.error:
-        raise RuntimeError(result.error)
+        raise SystemExit(f"graph.py needs graphviz's `dot` on PATH: {result.error}")
     wasm_s = None
     if wasm and render_svg(source, engine="wasm").error is None:  # the first compiles
         wasm_s, _ = _median(lambda: render_svg(source, engine="wasm"), repeats)
@@ -145,8 +145,10 @@ def measure(
 def _torchviz(
     loss: torch.Tensor, model: nn.Module | None, repeats: int
 ) -> tuple[float | None, int | None, str | None]:
-    from torchviz import make_dot
-
+    try:
+        from torchviz import make_dot
+    except ImportError:
+        return None, None, "not installed (`pip install -r benchmarks/requirements.txt`)"
     params = dict(model.named_parameters()) if model is not None else None
 
     def draw() -> int:

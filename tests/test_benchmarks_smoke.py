@@ -91,3 +91,13 @@ def test_timed_functions_restores_what_it_wraps(run):
         stats.norms([torch.ones(3)])
     assert stats.norms is original
     assert totals["gradmagic.stats:norms"][1] == 1
+
+
+def test_graph_benchmark_says_when_torchviz_is_missing(run, monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import graph
+
+    monkeypatch.setitem(sys.modules, "torchviz", None)  # import torchviz raises ImportError
+    seconds, nodes, error = graph._torchviz(None, None, repeats=1)
+    assert (seconds, nodes) == (None, None)
+    assert error.startswith("not installed")
