@@ -192,7 +192,8 @@ def _steps_section(r: Results) -> list[str]:
         "",
         "Each watched step is a whole `with gradmagic.watch(ns):` block (what one `%%grad` "
         "cell does, report not built). Each variant runs interleaved with plain steps of "
-        "its own (A B, B A, ...; *n* rounds each), so what `copies=True` does to the "
+        "its own (A B, B A, ...; *n* rounds, half as many for `copies=True`), so what "
+        "`copies=True` does to the "
         "allocator never lands in the default's rounds; ratio and extra time are the "
         "medians of per-round ratios/differences against the plain step of the same round "
         "(wall clock), with a 95% bootstrap interval; *CPU ratio* is the same in process "
