@@ -629,14 +629,15 @@ class Recorder:
             value = self.namespace.get(name)
             if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
                 candidates.append(value)
-        for name, value in list(self.namespace.items()):
-            if not isinstance(value, nn.Module) or name.startswith("_"):
+        # The namer walked every module already: its parameter ids say which modules got
+        # a gradient, and only those are walked again.
+        for name, ids in namer.module_parameters().items():
+            module = self.namespace.get(name)
+            if not isinstance(module, nn.Module):
                 continue
-            params = [p for p in value.parameters() if p.requires_grad]
-            got_some = any(id(p) in reached for p in params)
-            ran_here = name in named and value in self.module_calls
-            if got_some or ran_here:
-                candidates.extend(params)
+            ran_here = name in named and module in self.module_calls
+            if ran_here or not reached.isdisjoint(ids):
+                candidates.extend(p for p in module.parameters() if p.requires_grad)
         for leaf in candidates:
             if id(leaf) in reached:
                 continue
@@ -740,7 +741,7 @@ class ModuleCalls:
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._ours():
             return
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and module not in self._called:
             self._called[module] = True
         for k in range(len(self._open) - 1, -1, -1):
             if self._open[k] is module:

@@ -45,6 +45,7 @@ class Namer:
         self._modules: dict[int, str] = {}
         self._rank: dict[int, int] = {}
         self._order: dict[int, int] = {}
+        self._module_params: dict[str, list[int]] = {}  # module variable -> its parameters' ids
         # Scanned at the first lookup: a block with nothing to name costs nothing.
         self._pending = namespace or None
 
@@ -72,11 +73,14 @@ class Namer:
         else:
             names.append(name)
 
-    def _add_module(self, module: nn.Module, prefix: str) -> None:
+    def _add_module(self, module: nn.Module, prefix: str) -> list[int]:
         for name, sub in module.named_modules(prefix=prefix, remove_duplicate=False):
             self._modules.setdefault(id(sub), name)
+        ids = []
         for name, param in module.named_parameters(prefix=prefix, remove_duplicate=False):
             self._add(param, name, 1)
+            ids.append(id(param))
+        return ids
 
     def _scan(self, namespace: Mapping[str, Any]) -> None:
         items = [(k, v) for k, v in list(namespace.items()) if isinstance(k, str) and _public(k)]
@@ -86,7 +90,7 @@ class Namer:
                 self._add(value, key, 0)
         for key, value in items:
             if isinstance(value, nn.Module):
-                self._add_module(value, key)
+                self._module_params[key] = self._add_module(value, key)
         for key, value in items:
             if isinstance(value, torch.optim.Optimizer):
                 for gi, group in enumerate(value.param_groups):
@@ -119,6 +123,10 @@ class Namer:
     def order(self, obj: Any) -> int | None:
         """Where the tensor first appears in the namespace: rows follow it."""
         return self._scanned()._order.get(id(obj))
+
+    def module_parameters(self) -> dict[str, list[int]]:
+        """The ids of the parameters of every module the namespace holds, by its name."""
+        return self._scanned()._module_params
 
     def module_name(self, module: nn.Module) -> str | None:
         return self._scanned()._modules.get(id(module))

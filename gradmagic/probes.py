@@ -221,11 +221,14 @@ class OptimizerStepProbe:
         ]
         afters: dict[int, Any] = {}
         changes: dict[int, Any] = {}
-        for (item, _), after in zip(small, stats.exact_copies([p for _, p in small])):
-            afters[id(item)], changes[id(item)] = after, after - item.before
+        copies = stats.exact_copies([p for _, p in small])
         tensors = [p for _, p in moved]
         befores = [item.first_copy for item, _ in moved]
-        found = stats.norms(tensors + befores + stats.differences(tensors, befores))
+        # One batched subtraction for every change, small and large.
+        diffs = stats.differences(copies + tensors, [item.before for item, _ in small] + befores)
+        for (item, _), after, change in zip(small, copies, diffs):
+            afters[id(item)], changes[id(item)] = after, change
+        found = stats.norms(tensors + befores + diffs[len(small) :])
         n = len(moved)
         for k, (item, p) in enumerate(moved):
             shape, dtype = tuple(p.shape), stats.dtype_name(p.dtype)

@@ -24,12 +24,13 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
     calls as it can (one `tolist()`, or one norm)."""
     if grad.is_meta:
         return None, True
-    g = grad.detach()  # detached: nothing here is recorded, even under create_graph
+    g = grad
     if g.layout != torch.strided:
-        g = g.coalesce().values() if g.is_sparse else g.to_dense()
+        g = g.detach().coalesce().values() if g.is_sparse else g.detach().to_dense()
     if g.numel() <= values:
-        listed = g.tolist()
+        listed = g.tolist()  # records nothing, even under create_graph
         return listed, stats.finite_numbers(flat_list(listed))
+    g = g.detach()  # the norm records nothing, even under create_graph
     norm = float(torch.linalg.vector_norm(g))
     # A non-finite norm can be overflow of finite values: only then look closer.
     return ("norm", norm), math.isfinite(norm) or bool(torch.isfinite(g).all())

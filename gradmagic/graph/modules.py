@@ -16,7 +16,7 @@ from .snapshot import GraphSnapshot, ModuleCall, _sequence_counter
 # --- modules --------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Span:
     module: weakref.ref
     cls: str
