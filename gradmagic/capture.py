@@ -31,6 +31,7 @@ from torch import nn
 
 from . import _engine, stats
 from ._weak import WeakIdMap
+from .graph.modules import install_module_hooks
 from .history import History, RunEntry, default_history
 from .naming import CreatedLeafNames, Namer, fallback_name, may_run_user_code, unique
 
@@ -758,15 +759,7 @@ class ModuleCalls:
 
     def __enter__(self) -> ModuleCalls:
         self._thread = threading.get_ident()
-        hooks = nn.modules.module
-        self._handles.append(hooks.register_module_forward_pre_hook(self._enter))
-        try:
-            # always_call: a forward that raises still ends its call.
-            post = hooks.register_module_forward_hook(self._exit, always_call=True)
-        except BaseException:
-            self.__exit__()
-            raise
-        self._handles.append(post)
+        self._handles = install_module_hooks(self._enter, self._exit)
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -384,6 +384,21 @@ def test_module_path_is_innermost_first_and_modules_are_not_kept_alive():
     assert ref() is None
 
 
+def test_module_hooks_go_in_pairs_or_not_at_all(monkeypatch):
+    from gradmagic.capture import ModuleCalls
+    from gradmagic.naming import CreatedLeafNames
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no more hooks")
+
+    monkeypatch.setattr(nn.modules.module, "register_module_forward_hook", refuse)
+    hooks_before = global_module_hooks()
+    for probe in (ModuleSpans(), ModuleCalls(CreatedLeafNames(enabled=False))):
+        with pytest.raises(RuntimeError, match="no more hooks"):
+            probe.__enter__()
+        assert global_module_hooks() == hooks_before  # the pre-hook came off again
+
+
 def test_module_spans_close_when_a_forward_raises():
     class Boom(nn.Module):
         def forward(self, x):

@@ -28,6 +28,21 @@ class _Span:
 _MAX_SPANS = 200_000
 
 
+def install_module_hooks(
+    pre: Callable[[nn.Module, Any], None], post: Callable[[nn.Module, Any, Any], None]
+) -> list[Any]:
+    """Register `pre` and `post` as global forward hooks of every `nn.Module` and return
+    their handles: both or, if the second fails, neither. `post` runs also when a
+    forward raises (`always_call`), so every call that starts ends."""
+    hooks = nn.modules.module
+    first = hooks.register_module_forward_pre_hook(pre)
+    try:
+        return [first, hooks.register_module_forward_hook(post, always_call=True)]
+    except BaseException:
+        first.remove()
+        raise
+
+
 class ModuleSpans:
     """While active, record which autograd sequence numbers each module call created.
 
@@ -52,15 +67,7 @@ class ModuleSpans:
         if self._counter is None:
             return self  # this torch has no sequence counter: nothing is grouped
         self._thread = threading.get_ident()
-        hooks = nn.modules.module
-        self._handles.append(hooks.register_module_forward_pre_hook(self._pre_hook))
-        try:
-            # always_call: a forward that raises still closes its span.
-            post = hooks.register_module_forward_hook(self._post_hook, always_call=True)
-        except BaseException:
-            self._remove()
-            raise
-        self._handles.append(post)
+        self._handles = install_module_hooks(self._pre_hook, self._post_hook)
         return self
 
     def __exit__(self, *exc: object) -> None:
