@@ -209,7 +209,7 @@ class Recorder:
         # Graphs recorded so far, by (kind, structure); the block's first one is keyed
         # only if a second backward comes, so a one-step cell never hashes its graph.
         self._firsts: dict[tuple[str, str], Any] = {}
-        self._unkeyed: list[BackwardRecord] = []
+        self._unkeyed: BackwardRecord | None = None
         self._retained = False  # some backward kept its graph (`retain_graph=True`)
         self.findings: list[Any] = []
         self.namer: Namer | None = None  # built once when the block closes
@@ -427,12 +427,12 @@ class Recorder:
         if snap is None:
             return
         self._retained = self._retained or record.retain_graph
-        if not self._firsts and not self._unkeyed:
-            self._unkeyed.append(record)  # the block's first graph: keyed if another comes
+        if not self._firsts and self._unkeyed is None:
+            self._unkeyed = record  # the block's first graph: keyed if another comes
             return
-        for earlier in self._unkeyed:
-            self._firsts.setdefault((earlier.kind, earlier.graph.structure), earlier.graph)
-        self._unkeyed.clear()
+        if self._unkeyed is not None:
+            first, self._unkeyed = self._unkeyed, None
+            self._firsts[(first.kind, first.graph.structure)] = first.graph
         key = (record.kind, snap.structure)
         first = self._firsts.setdefault(key, snap)
         if first is snap:

@@ -33,7 +33,7 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
     g = g.detach()  # the norm records nothing, even under create_graph
     norm = float(torch.linalg.vector_norm(g))
     # A non-finite norm can be overflow of finite values: only then look closer.
-    return ("norm", norm), math.isfinite(norm) or bool(torch.isfinite(g).all())
+    return ("norm", norm), math.isfinite(norm) or not stats.has_nonfinite(g)
 
 
 # --- gradient flow --------------------------------------------------------------------------
