@@ -9,6 +9,7 @@ loudly when a torch upgrade moves any of this.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -91,14 +92,22 @@ def should_skip(call: EngineCall) -> bool:
     """Calls gradmagic must leave alone: compile tracing, functorch, fake tensors."""
     if torch.compiler.is_compiling():
         return True
-    from torch._subclasses.fake_tensor import FakeTensor
-
+    fake = _fake_tensor_type()
     for t in call.outputs:
         if not isinstance(t, torch.Tensor):
             continue
-        if isinstance(t, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if isinstance(t, fake) or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return True
     return False
+
+
+@functools.cache
+def _fake_tensor_type() -> type:
+    # Imported on first use, once: the module is large, and a `from ... import` in the
+    # function body would cost a few microseconds on every backward.
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor
 
 
 # --- installing the wrapper -------------------------------------------------
@@ -155,3 +164,64 @@ def uninstall() -> None:
 
 def is_patched() -> bool:
     return any(getattr(getattr(h, ENGINE_ATTR), "__gradmagic__", False) for h in ENGINE_HOLDERS)
+
+
+# --- walking a module tree ----------------------------------------------------
+
+
+def module_tree(
+    module: torch.nn.Module, prefix: str = ""
+) -> tuple[list[tuple[str, torch.nn.Module]], list[tuple[str, torch.Tensor]]]:
+    """`named_modules(prefix, remove_duplicate=False)` and
+    `named_parameters(prefix, remove_duplicate=False)` of `module`, read in one walk.
+
+    Reads `_modules` and `_parameters`, which is what those methods do, at a
+    fraction of their cost (they are generators over generators): a watched block
+    names every module's parameters when it closes. A tree holding a class that
+    overrides either method is read through the methods themselves.
+    """
+    modules: list[tuple[str, torch.nn.Module]] = []
+    params: list[tuple[str, torch.Tensor]] = []
+    try:
+        _walk_modules(module, prefix, modules, params)
+    except _Overridden:
+        modules = list(module.named_modules(prefix=prefix, remove_duplicate=False))
+        params = list(module.named_parameters(prefix=prefix, remove_duplicate=False))
+    return modules, params
+
+
+class _Overridden(Exception):
+    pass
+
+
+_PLAIN_WALK: dict[type, bool] = {}
+
+
+def _plain_walk(cls: type) -> bool:
+    plain = _PLAIN_WALK.get(cls)
+    if plain is None:
+        base = torch.nn.Module
+        plain = _PLAIN_WALK[cls] = (
+            cls.named_modules is base.named_modules
+            and cls.named_parameters is base.named_parameters
+            and cls._named_members is base._named_members
+        )
+    return plain
+
+
+def _walk_modules(
+    module: torch.nn.Module,
+    prefix: str,
+    modules: list[tuple[str, torch.nn.Module]],
+    params: list[tuple[str, torch.Tensor]],
+) -> None:
+    if not _plain_walk(type(module)):
+        raise _Overridden
+    modules.append((prefix, module))
+    dot = prefix + "." if prefix else ""
+    for name, param in module._parameters.items():
+        if param is not None:
+            params.append((dot + name, param))
+    for name, sub in module._modules.items():
+        if sub is not None:
+            _walk_modules(sub, dot + name, modules, params)

@@ -16,7 +16,6 @@ are copied, large ones summarised (`stats.py`).
 
 from __future__ import annotations
 
-import ast
 import re
 import sys
 import threading
@@ -31,9 +30,17 @@ from torch import nn
 
 from . import _engine, stats
 from ._weak import WeakIdMap
+from .graph import FlowRecorder, ModuleSpans, snapshot
 from .graph.modules import install_module_hooks
 from .history import History, RunEntry, default_history
-from .naming import CreatedLeafNames, Namer, fallback_name, may_run_user_code, unique
+from .naming import (
+    CreatedLeafNames,
+    Namer,
+    fallback_name,
+    may_run_user_code,
+    parse_source,
+    unique,
+)
 
 
 @dataclass
@@ -191,20 +198,19 @@ class Recorder:
         )
         self.module_spans: Any = None
         if self.options.graph:
-            from .graph import ModuleSpans
-
             self.module_spans = ModuleSpans()
         self.module_calls = ModuleCalls(self.created_names, self.module_spans)
         # Probes watch the block alongside the engine wrapper; each is a context
         # manager that must undo everything it installed in __exit__.
-        from . import probes  # noqa: F401 - registers its probes in EXTRA_PROBES
+        if not EXTRA_PROBES:
+            from . import probes  # noqa: F401 - registers its probes in EXTRA_PROBES
 
         # The naming hook goes on last and comes off first: it would see every call
         # the other probes make while they install and remove themselves.
         self.probes: list[Any] = [self.module_calls]
         self.probes += [make(self) for make in EXTRA_PROBES]
         self.probes.append(self.created_names)
-        self._pending: list[torch.Tensor] = []
+        self._pending: list[tuple[torch.Tensor, LeafRecord]] = []
         self._adds_to_earlier: list[LeafRecord] = []
         # Graphs recorded so far, by (kind, structure); the block's first one is keyed
         # only if a second backward comes, so a one-step cell never hashes its graph.
@@ -264,8 +270,6 @@ class Recorder:
     # -- before the engine runs -------------------------------------------------
     def _begin(self, call: _engine.EngineCall, frame: Any) -> tuple[BackwardRecord, Any]:
         _engine.caller_context(call, frame)
-        from .graph import snapshot
-
         roots = [t for t in call.outputs if isinstance(t, torch.Tensor)]
         found: list[torch.Tensor] = []
 
@@ -312,12 +316,10 @@ class Recorder:
             _root_refs=[weakref.ref(t) for t in roots],
         )
         self.records.append(record)
-        self._pending = leaves if call.accumulate_grad else []
+        self._pending = list(zip(leaves, records)) if call.accumulate_grad else []
         if not self.options.graph:
             return record, nullcontext()
         record.graph = snap
-        from .graph import FlowRecorder
-
         flow = FlowRecorder(snap, live, budget=self.options.flow_budget, values=self.options.values)
         return record, flow
 
@@ -346,7 +348,7 @@ class Recorder:
             ref=weakref.ref(leaf),
             shape=tuple(leaf.shape),
             dtype=stats.dtype_name(leaf.dtype),
-            device=str(leaf.device),
+            device=stats.device_name(leaf),
             numel=leaf.numel(),
             local_name=self.created_names.get(leaf),
         )
@@ -395,8 +397,7 @@ class Recorder:
         for rec in self._adds_to_earlier:
             rec.accumulated_in_block = True
         small, large = [], []
-        for leaf in pending:
-            rec = self._by_leaf[leaf]
+        for leaf, rec in pending:
             rec.backwards += 1
             grad = leaf.grad
             rec.after_ref = weakref.ref(grad) if grad is not None else None
@@ -453,6 +454,11 @@ class Recorder:
         for probe in self.probes:
             if hasattr(probe, "finish"):
                 self._guard(probe.finish, self)
+        # The probes and the naming hook point back to the recorder. Dropping them ends
+        # the only reference cycles a block builds, so the recorder and what it holds go
+        # as soon as the last reference does, not at the next cyclic collection.
+        self.probes = []
+        self.created_names.on_name = None
         # A recorder kept in a script's `rec` must not keep the user's tensors alive:
         # what the rules read later (modules, optimizers, tensors) is held weakly.
         if self.namespace is not None:
@@ -638,7 +644,8 @@ class Recorder:
                 continue
             ran_here = name in named and module in self.module_calls
             if ran_here or not reached.isdisjoint(ids):
-                candidates.extend(p for p in module.parameters() if p.requires_grad)
+                _, params = _engine.module_tree(module)
+                candidates.extend(p for _, p in params if p.requires_grad)
         for leaf in candidates:
             if id(leaf) in reached:
                 continue
@@ -673,15 +680,14 @@ class Recorder:
         return rows
 
 
-def _names_in_source(source: str | None) -> set[str]:
+def _names_in_source(source: str | None) -> frozenset[str]:
     """Top-level names the code mentions (`x`, `model`), for 'expected a gradient'."""
     if not source:
-        return set()
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return set(re.findall(r"[A-Za-z_]\w*", source))
-    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        return frozenset()
+    parsed = parse_source(source)
+    if parsed is None:
+        return frozenset(re.findall(r"[A-Za-z_]\w*", source))
+    return parsed.names
 
 
 class WeakNamespace(Mapping):
@@ -718,20 +724,21 @@ class ModuleCalls:
     """
 
     def __init__(self, naming: CreatedLeafNames, spans: Any = None) -> None:
-        self._called = WeakIdMap()
+        # id(module) -> weak reference, for modules called with grad enabled. A plain
+        # reference, not a WeakIdMap entry: this runs on every module call, and an entry
+        # whose module died is simply never matched again.
+        self._called: dict[int, weakref.ref] = {}
         self._handles: list[Any] = []
         self._open: list[nn.Module] = []  # calls in progress, outermost first
         self._spans = spans
         self._naming = naming
         self._thread = threading.get_ident()
 
-    def _ours(self) -> bool:
-        # Under torch.compile tracing the hooks do nothing, so Dynamo never meets their
-        # untraceable calls (a graph break and a warning for the user otherwise).
-        return not torch.compiler.is_compiling() and threading.get_ident() == self._thread
-
+    # Both hooks return at once under torch.compile tracing, so Dynamo never meets their
+    # untraceable calls (a graph break and a warning for the user otherwise), and on
+    # other threads.
     def _enter(self, module: nn.Module, args: Any) -> None:
-        if not self._ours():
+        if torch.compiler.is_compiling() or threading.get_ident() != self._thread:
             return
         if not self._open:
             self._naming.hold(self)
@@ -740,22 +747,27 @@ class ModuleCalls:
             self._spans.enter(module)
 
     def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._ours():
+        if torch.compiler.is_compiling() or threading.get_ident() != self._thread:
             return
-        if torch.is_grad_enabled() and module not in self._called:
-            self._called[module] = True
-        for k in range(len(self._open) - 1, -1, -1):
-            if self._open[k] is module:
-                del self._open[k:]  # inner calls that never closed end here too
-                break
+        if torch.is_grad_enabled() and module not in self:
+            self._called[id(module)] = weakref.ref(module)
+        opened = self._open
+        if opened and opened[-1] is module:
+            opened.pop()
+        else:
+            for k in range(len(opened) - 1, -1, -1):
+                if opened[k] is module:
+                    del opened[k:]  # inner calls that never closed end here too
+                    break
         if self._spans is not None:
             self._spans.exit(module)
-        if not self._open:
+        if not opened:
             self._naming.release(self)
         # None: a forward hook that returns something replaces the output
 
     def __contains__(self, module: object) -> bool:
-        return module in self._called
+        ref = self._called.get(id(module))
+        return ref is not None and ref() is module
 
     def __enter__(self) -> ModuleCalls:
         self._thread = threading.get_ident()

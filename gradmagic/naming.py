@@ -14,11 +14,12 @@ import inspect
 import sys
 import types
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ._engine import module_tree
 from ._weak import WeakIdMap
 
 MAX_CONTAINER_ITEMS = 256
@@ -74,13 +75,12 @@ class Namer:
             names.append(name)
 
     def _add_module(self, module: nn.Module, prefix: str) -> list[int]:
-        for name, sub in module.named_modules(prefix=prefix, remove_duplicate=False):
+        modules, params = module_tree(module, prefix)
+        for name, sub in modules:
             self._modules.setdefault(id(sub), name)
-        ids = []
-        for name, param in module.named_parameters(prefix=prefix, remove_duplicate=False):
+        for name, param in params:
             self._add(param, name, 1)
-            ids.append(id(param))
-        return ids
+        return [id(param) for _, param in params]
 
     def _scan(self, namespace: Mapping[str, Any]) -> None:
         items = [(k, v) for k, v in list(namespace.items()) if isinstance(k, str) and _public(k)]
@@ -208,15 +208,36 @@ def may_run_user_code(namespace: Mapping[str, Any] | None, source: str | None) -
     if source is None:
         names: Iterable[str] = [k for k in list(namespace) if isinstance(k, str)]
     else:
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
+        parsed = parse_source(source)
+        if parsed is None or parsed.defines:
             return True
-        defines = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
-        if any(isinstance(node, defines) for node in ast.walk(tree)):
-            return True
-        names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        names = parsed.names
     return any(_is_user_code(namespace.get(name)) for name in names if _public(name))
+
+
+class ParsedSource(NamedTuple):
+    names: frozenset[str]  # every name the code mentions (`ast.Name`)
+    defines: bool  # whether it defines a function, lambda or class
+
+
+@functools.lru_cache(maxsize=64)
+def parse_source(source: str) -> ParsedSource | None:
+    """What the naming rules read from a block's code; None when it does not parse.
+
+    Kept for the last cells seen: a re-run cell is not parsed again.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    defines = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+    names, found = set(), False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, defines):
+            found = True
+    return ParsedSource(frozenset(names), found)
 
 
 _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR

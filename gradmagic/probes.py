@@ -147,28 +147,33 @@ class OptimizerStepProbe:
         stepping = [
             p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
         ]
-        fresh = [p for p in stepping if id(p) not in live.params]
-        # A large parameter is copied before the step only to measure how far the step
-        # moves it, within the copy budget: a pass over a whole model per step, in
-        # fresh memory, is what watching must not cost.
-        small = [p for p in fresh if self._exact(p)]
-        large = []
-        for p in fresh:
-            if not self._exact(p) and self._copied + p.numel() <= self.budget:
-                large.append(p)
-                self._copied += p.numel()
-        copies = iter(stats.exact_copies(small + large))
-        for p in fresh:
-            live.params[id(p)] = _LiveParam(weakref.ref(p), None, None)
-        for p in small:
-            live.params[id(p)].before = next(copies)
-        for p in large:
-            live.params[id(p)].first_copy = next(copies)
-        live.stepping = [live.params[id(p)] for p in stepping]
+        params = live.params
+        fresh = [p for p in stepping if id(p) not in params]
+        if fresh:
+            # A large parameter is copied before the step only to measure how far the step
+            # moves it, within the copy budget: a pass over a whole model per step, in
+            # fresh memory, is what watching must not cost.
+            limit, small, large = self.options.values, [], []
+            for p in fresh:
+                n = p.numel()
+                if n <= limit:
+                    small.append(p)
+                elif self._copied + n <= self.budget:
+                    large.append(p)
+                    self._copied += n
+            copies = stats.exact_copies(small + large)
+            for p in fresh:
+                params[id(p)] = _LiveParam(weakref.ref(p), None, None)
+            for p, copy in zip(small, copies):
+                params[id(p)].before = copy
+            for p, copy in zip(large, copies[len(small) :]):
+                params[id(p)].first_copy = copy
+        live.stepping = [params[id(p)] for p in stepping]
         # The backward already measured these gradients: measure only the others.
-        grads = [self._recorded_grad(p) for p in stepping]
+        recorded = self._recorded_grad
+        grads = [recorded(p) for p in stepping]
         unknown = [p.grad for p, g in zip(stepping, grads) if g is None]
-        measured = iter(self._values(unknown))
+        measured = iter(self._values(unknown) if unknown else ())
         for item, grad in zip(live.stepping, grads):
             item.grad = grad if grad is not None else next(measured)
 

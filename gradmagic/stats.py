@@ -10,6 +10,7 @@ single `.tolist()`.
 from __future__ import annotations
 
 import cmath
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,12 +102,12 @@ def _statistics_view(t: torch.Tensor) -> torch.Tensor | None:
 
 def exact_copy(t: torch.Tensor) -> torch.Tensor:
     """A detached clone: under `create_graph` a plain clone would carry a graph."""
-    return t.detach().clone()
+    return (t.detach() if t.requires_grad else t).clone()
 
 
 def exact_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """`exact_copy` of many tensors (a flat buffer split into views costs more)."""
-    return [t.detach().clone() for t in tensors]
+    return [t.clone() for t in _detached(tensors)]
 
 
 def differences(
@@ -115,7 +116,12 @@ def differences(
     """`after - before` for each pair, in one batched op."""
     if not afters:
         return []
-    return list(torch._foreach_sub([t.detach() for t in afters], [t.detach() for t in befores]))
+    return list(torch._foreach_sub(_detached(afters), _detached(befores)))
+
+
+def _detached(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    # A tensor that does not require grad records nothing: only the others need detach().
+    return [t.detach() if t.requires_grad else t for t in tensors]
 
 
 def norms(tensors: Sequence[torch.Tensor]) -> list[float]:
@@ -133,7 +139,7 @@ def norms(tensors: Sequence[torch.Tensor]) -> list[float]:
     views: dict[int, torch.Tensor] = {}
     for i, t in enumerate(tensors):
         if t.is_cpu and t.dtype in _CPU_NORM_DTYPES and t.layout == torch.strided:
-            out[i] = _cpu_norm(t.detach())
+            out[i] = _cpu_norm(t.detach() if t.requires_grad else t)
             continue
         v = _statistics_view(t) if (t.is_sparse or t.is_complex()) else t.detach()
         if v is None or v.is_meta:
@@ -154,7 +160,30 @@ _CPU_NORM_DTYPES = (torch.float32, torch.float64)
 _DOT_FROM = 4096  # elements; below, the view a dot product needs costs more than it saves
 
 
+_BY_LIST_UNTIL = 64  # elements; up to here `tolist()` and `math.hypot` beat a norm kernel
+
+
+def small_norm(t: torch.Tensor) -> float | None:
+    """The norm of a small dense CPU float tensor from its numbers, in double precision
+    (one `tolist()` costs less than a norm kernel and its `.item()`); None for any other
+    tensor, or when a number is not finite (the kernel then says NaN or Inf as torch does).
+    """
+    if (
+        t.numel() > _BY_LIST_UNTIL
+        or not t.is_cpu
+        or t.dtype not in _CPU_NORM_DTYPES
+        or t.layout != torch.strided
+    ):
+        return None
+    numbers = flat_list(t.tolist())  # records nothing, even under create_graph
+    return math.hypot(*numbers) if finite_numbers(numbers) else None
+
+
 def _cpu_norm(t: torch.Tensor) -> float:
+    if t.numel() <= _BY_LIST_UNTIL:
+        norm = small_norm(t)
+        if norm is not None:
+            return norm
     if t.numel() >= _DOT_FROM and t.is_contiguous():
         flat = t.view(-1)
         return math.sqrt(float(torch.dot(flat, flat)))
@@ -264,6 +293,14 @@ def _masked_summaries(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> lis
     return rows  # type: ignore[return-value]
 
 
+def flat_list(values: Any) -> list[Any]:
+    """The numbers of a (nested) `tolist()` result."""
+    flat = values if isinstance(values, list) else [values]
+    while flat and isinstance(flat[0], list):
+        flat = [v for row in flat for v in row]
+    return flat
+
+
 def finite_numbers(numbers: list[Any]) -> bool:
     """Whether every number of a flat `tolist()` is finite: their sum is, unless it
     overflowed (then each is checked)."""
@@ -290,7 +327,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
         if t.is_meta:
             continue
         if t.is_cpu and t.numel() <= _FINITE_BY_LIST and t.layout == torch.strided:
-            out[i] = finite_numbers(t.detach().reshape(-1).tolist())
+            out[i] = finite_numbers(flat_list(t.tolist()))  # tolist() records nothing
         else:
             large.append(i)
     for i, norm in zip(large, norms([tensors[i] for i in large])):
@@ -313,9 +350,15 @@ def is_all_zero(t: torch.Tensor) -> bool:
     return not bool(v.any())
 
 
+@functools.cache
 def dtype_name(dtype: torch.dtype) -> str:
     """`torch.float32` -> `float32`."""
     return str(dtype).replace("torch.", "")
+
+
+def device_name(t: torch.Tensor) -> str:
+    """`cpu`, `cuda:0`, `meta`: where a tensor lives."""
+    return "cpu" if t.is_cpu else str(t.device)
 
 
 def format_value(value: object) -> str:

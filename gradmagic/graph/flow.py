@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import stats
-from .snapshot import GraphSnapshot, LiveNodes, flat_list
+from .snapshot import GraphSnapshot, LiveNodes
 
 # Flow is recorded only when the gradients of the whole backward hold at most this
 # many elements: a CNN's activation gradients run to millions on every edge, and
@@ -29,7 +29,10 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
         g = g.detach().coalesce().values() if g.is_sparse else g.detach().to_dense()
     if g.numel() <= values:
         listed = g.tolist()  # records nothing, even under create_graph
-        return listed, stats.finite_numbers(flat_list(listed))
+        return listed, stats.finite_numbers(stats.flat_list(listed))
+    small = stats.small_norm(g)
+    if small is not None:
+        return ("norm", small), True
     g = g.detach()  # the norm records nothing, even under create_graph
     norm = float(torch.linalg.vector_norm(g))
     # A non-finite norm can be overflow of finite values: only then look closer.

@@ -116,6 +116,11 @@ class ModuleSpans:
         if self._counter is None or not self._open:
             return
         end = self._counter()
+        last = self._spans[self._open[-1]]
+        if last.module() is module:  # the call that ends is the innermost one open
+            last.end = end
+            self._open.pop()
+            return
         for k in range(len(self._open) - 1, -1, -1):
             if self._spans[self._open[k]].module() is module:
                 for i in self._open[k:]:  # inner calls that never closed end here too

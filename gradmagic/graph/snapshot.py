@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..stats import flat_list
+
 LiveNodes = dict[int, Any]
 """Node id -> autograd Node: only to hook the nodes while the backward runs, then dropped."""
 
@@ -360,14 +362,6 @@ def _saved_text(value: Any) -> str | None:
     return None
 
 
-def flat_list(values: Any) -> list[Any]:
-    """The numbers of a (nested) `tolist()` result."""
-    flat = values if isinstance(values, list) else [values]
-    while flat and isinstance(flat[0], list):
-        flat = [v for row in flat for v in row]
-    return flat
-
-
 def flow_text(value: Any) -> str:
     """A flow label: `("norm", 13.4)` as `‖g‖=13.4`, `tolist()` output in PyTorch's
     style (`repr(tensor)` costs about 0.2 ms a call)."""
@@ -584,12 +578,20 @@ def snapshot(
     no graph is drawn. Returns the snapshot, plain data, and the live autograd
     nodes by node id, which the caller drops once the backward ran.
     """
-    _release_anchors()
+    if _anchors:
+        _release_anchors()
     walk = _Walk(leaf_key, inputs or (), light)
     names = list(root_names or [])
-    with _gc_paused():
+    # The collector paused as in `_gc_paused`, inline: this runs on every watched backward.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
         for i, root in enumerate(roots):
             walk.add_root(root, names[i] if i < len(names) else None)
         walk.run()
-        _anchors.extend(walk.live[i] for i in _anchor_ids(len(walk.nodes), walk.edges))
+        if len(walk.nodes) > _ANCHOR_STEP:
+            _anchors.extend(walk.live[i] for i in _anchor_ids(len(walk.nodes), walk.edges))
         return walk.finish(), walk.live
+    finally:
+        if was_enabled:
+            gc.enable()
