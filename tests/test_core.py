@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from torch import nn
 
@@ -268,3 +271,27 @@ def test_retain_graph_repeats_fold_and_still_count_as_the_same_graph():
     [finding] = [f for f in rec.report().findings if f.kind == "retain-graph"]
     assert "(it ran 3 times here)" in finding.message
     assert torch.equal(rec.report().table.loc["x", "after"], torch.tensor([6.0, 12.0]))
+
+
+def test_small_norms_from_numbers_match_torch_and_its_nan_and_inf():
+    from gradmagic import stats
+
+    cases = [
+        torch.tensor([3.0, 4.0]),
+        torch.arange(64, dtype=torch.float32).reshape(8, 8) / 7,
+        torch.tensor(2.5, dtype=torch.float64),
+        torch.zeros(0, 3),
+        torch.tensor([float("inf"), 1.0]),
+        torch.tensor([float("nan"), float("inf")]),
+        torch.arange(65, dtype=torch.float32),  # past the list path: the kernel
+    ]
+    for t in cases:
+        expected = float(torch.linalg.vector_norm(t))
+        (got,) = stats.norms([t])
+        if math.isnan(expected):
+            assert math.isnan(got)
+        else:
+            assert got == pytest.approx(expected, rel=1e-6)
+    assert stats.norms([torch.tensor([3.0, 4.0])]) == [5.0]
+    assert stats.small_norm(torch.tensor([float("nan")])) is None
+    assert stats.small_norm(torch.ones(65)) is None

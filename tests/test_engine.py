@@ -130,3 +130,37 @@ def test_functorch_transforms_are_left_alone():
         g = torch.func.grad(lambda t: (t**2).sum())(x)
     assert torch.equal(g, torch.tensor([2.0, 4.0]))
     assert rec.records == []
+
+
+def test_module_tree_reads_what_named_modules_and_named_parameters_give():
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w.triu() + w.triu(1).T
+
+    class Renamed(nn.Linear):
+        def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+            for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+                yield name + "_renamed", p
+
+    model = nn.Sequential(
+        nn.Linear(3, 3),
+        nn.ModuleDict({"a b": nn.Linear(2, 2), "c": nn.ModuleList([nn.Conv2d(1, 1, 1)])}),
+    )
+    parametrize.register_parametrization(model[0], "weight", Symmetric())
+    model[1]["a b"].register_parameter("unset", None)
+    model.tied = model[0]  # the same module twice: listed under both paths
+    for module, prefix in [(model, "model"), (model, ""), (Renamed(2, 2), "r")]:
+        modules, params = _engine.module_tree(module, prefix)
+        assert modules == list(module.named_modules(prefix=prefix, remove_duplicate=False))
+        expected = module.named_parameters(prefix=prefix, remove_duplicate=False)
+        assert [(n, id(p)) for n, p in params] == [(n, id(p)) for n, p in expected]
+    names = [n for n, _ in _engine.module_tree(model, "model")[1]]
+    assert names[:2] == ["model.0.bias", "model.0.parametrizations.weight.original"]
+    assert "model.tied.bias" in names
+    assert [n for n, _ in _engine.module_tree(Renamed(2, 2), "r")[1]] == [
+        "r.weight_renamed",
+        "r.bias_renamed",
+    ]

@@ -201,6 +201,32 @@ def test_a_report_holds_only_what_it_shows():
     assert rep.table.loc["model.weight", "after"].numel == 10_000
 
 
+def test_a_watched_block_leaves_no_cyclic_garbage():
+    """Reference counting alone frees a block's recorder: left in reference cycles, every
+    watched training step would feed the cyclic collector (0.4 ms a pass on a small VM)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 4)
+    ns = {"model": model, "opt": opt, "x": x}
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            with gradmagic.watch(ns, source="opt.zero_grad()\nmodel(x).sum().backward()\n"):
+                opt.zero_grad()
+                model(x).sum().backward()
+                opt.step()
+        gc.collect()
+        ours = [o for o in gc.garbage if type(o).__module__.startswith("gradmagic")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == []
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
