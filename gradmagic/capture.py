@@ -662,9 +662,9 @@ class Recorder:
             self._guard(self.complete_summaries)
             self._guard(self._assign_modules)
             if self.optimizer_steps:
-                from .probes import complete_norms
+                from .probes import complete_steps
 
-                self._guard(complete_norms, self.optimizer_steps)
+                self._guard(complete_steps, self.optimizer_steps)
             self.findings = self._guard(findings_for, self) or []
             # The namespace holds the user's tensors: a recorder kept around must not.
             self.namespace = None

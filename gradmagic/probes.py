@@ -46,8 +46,12 @@ class ParamStep:
     `before` is its value before the first step, `after` after the last, each a
     copy (small tensors) or a `TensorSummary`; `grad` is `.grad` at the last
     step; `change` is `after - before` (small) or the norm of that difference.
-    A large parameter past the copy budget has no `before` or `change`, and its
-    `after` norm is read when the report is built (`complete_norms`).
+    A large parameter past the copy budget has no `before` or `change`.
+
+    `after` and `change` are read when the report is built (`complete_steps`), not
+    when the block ends: a training loop of watched steps that builds no report
+    never pays for them. A parameter that changed in between (its `_version`
+    moved) shows `CHANGED_SINCE` instead.
     """
 
     name: str
@@ -57,7 +61,12 @@ class ParamStep:
     after: Any
     change: Any
     steps: int
-    ref: Any = field(default=None, repr=False)  # weak, until the report reads its norm
+    ref: Any = field(default=None, repr=False)  # weak, until the report reads it
+    # (the probe's record of it, its `_version` when the block ended), until then
+    pending: Any = field(default=None, repr=False)
+
+
+CHANGED_SINCE = "changed after the block ended"
 
 
 @dataclass
@@ -208,59 +217,22 @@ class OptimizerStepProbe:
         copies = iter(stats.exact_copies([t for t in tensors if self._exact(t)]))
         return [next(copies) if self._exact(t) else next(summaries) for t in tensors]
 
-    def _measure(self, items: list[tuple[_LiveParam, torch.Tensor]]) -> tuple[dict, dict]:
-        """Values after the last step and how far the steps moved them, by id(item).
-
-        Small parameters: exact values and their change. Large ones within the copy
-        budget: norms after, before and of the change, in one batched pass.
-        """
-        small = [
-            (item, p)
-            for item, p in items
-            if isinstance(item.before, torch.Tensor) and item.before.shape == p.shape
-        ]
-        moved = [
-            (item, p)
-            for item, p in items
-            if item.first_copy is not None and item.first_copy.shape == p.shape
-        ]
-        afters: dict[int, Any] = {}
-        changes: dict[int, Any] = {}
-        copies = stats.exact_copies([p for _, p in small])
-        tensors = [p for _, p in moved]
-        befores = [item.first_copy for item, _ in moved]
-        # One batched subtraction for every change, small and large.
-        diffs = stats.differences(copies + tensors, [item.before for item, _ in small] + befores)
-        for (item, _), after, change in zip(small, copies, diffs):
-            afters[id(item)], changes[id(item)] = after, change
-        found = stats.norms(tensors + befores + diffs[len(small) :])
-        n = len(moved)
-        for k, (item, p) in enumerate(moved):
-            shape, dtype = tuple(p.shape), stats.dtype_name(p.dtype)
-            afters[id(item)] = stats.TensorSummary(shape, dtype, p.numel(), found[k])
-            item.before = stats.TensorSummary(shape, dtype, p.numel(), found[n + k])
-            changes[id(item)] = found[2 * n + k]
-        return afters, changes
-
     def finish(self, recorder: Any) -> None:
-        """Name what stepped and measure how far it moved; drop every reference."""
+        """Name what stepped; what the steps did is read by `complete_steps`."""
         namer = recorder.namer or Namer(recorder.namespace)
         row_names = {id(r.ref()): r.name for r in recorder.leaves if r.ref() is not None}
         for live in self._live.values():
             optimizer = live.ref()
             items = [(item, item.ref()) for item in live.params.values()]
             items = [(item, p) for item, p in items if p is not None]
-            afters, changes = self._measure(items)
             params = []
             for i, (item, p) in enumerate(items):
-                after, change = afters.get(id(item)), changes.get(id(item))
                 name = row_names.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
-                ref = weakref.ref(p) if after is None else None
-                params.append(
-                    ParamStep(
-                        name, tuple(p.shape), item.grad, item.before, after, change, item.steps, ref
-                    )
+                step = ParamStep(
+                    name, tuple(p.shape), item.grad, item.before, None, None, item.steps
                 )
+                step.ref, step.pending = weakref.ref(p), (item, p._version)
+                params.append(step)
             recorder.optimizer_steps.append(
                 OptimizerSteps(
                     _variable_name(recorder.namespace, optimizer) or live.kind,
@@ -274,19 +246,59 @@ class OptimizerStepProbe:
         self._live = {}
 
 
-def complete_norms(steps: list[OptimizerSteps]) -> None:
-    """Norms of the large parameters that were not measured during the block."""
-    pending = [
-        (p, t) for step in steps for p in step.params if p.ref and (t := p.ref()) is not None
-    ]
-    tensors = [t.detach() for _, t in pending]
-    for (param, t), norm in zip(pending, stats.norms(tensors)):
-        param.after = stats.TensorSummary(
-            tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), norm
-        )
+def complete_steps(steps: list[OptimizerSteps]) -> None:
+    """Values after the last step and how far the steps moved each parameter.
+
+    Small parameters: exact values and their change. Large ones within the copy
+    budget: norms after, before and of the change, in one batched pass; past the
+    budget, the norm after. Drops every reference the steps held.
+    """
+    current: list[tuple[ParamStep, _LiveParam, torch.Tensor]] = []
     for step in steps:
         for param in step.params:
-            param.ref = None
+            t = param.ref() if param.ref is not None else None
+            pending, param.ref, param.pending = param.pending, None, None
+            if t is None or pending is None:
+                continue
+            item, version = pending
+            if t._version == version:
+                current.append((param, item, t))
+                continue
+            param.after = CHANGED_SINCE
+            if item.first_copy is not None:
+                (norm,) = stats.norms([item.first_copy])
+                param.before = _summary(item.first_copy, norm)
+    small = [
+        (param, t)
+        for param, item, t in current
+        if isinstance(item.before, torch.Tensor) and item.before.shape == t.shape
+    ]
+    moved = [
+        (param, item.first_copy, t)
+        for param, item, t in current
+        if item.first_copy is not None and item.first_copy.shape == t.shape
+    ]
+    measured = {id(param) for param, _ in small} | {id(param) for param, _, _ in moved}
+    rest = [(param, t) for param, _, t in current if id(param) not in measured]
+    copies = stats.exact_copies([t for _, t in small])
+    tensors = [t for _, _, t in moved]
+    befores = [first for _, first, _ in moved]
+    # One batched subtraction for every change, small and large.
+    diffs = stats.differences(copies + tensors, [param.before for param, _ in small] + befores)
+    for (param, _), after, change in zip(small, copies, diffs):
+        param.after, param.change = after, change
+    found = stats.norms(tensors + befores + diffs[len(small) :] + [t for _, t in rest])
+    n = len(moved)
+    for k, (param, first, t) in enumerate(moved):
+        param.after = _summary(t, found[k])
+        param.before = _summary(first, found[n + k])
+        param.change = found[2 * n + k]
+    for (param, t), norm in zip(rest, found[3 * n :]):
+        param.after = _summary(t, norm)
+
+
+def _summary(t: torch.Tensor, norm: float) -> stats.TensorSummary:
+    return stats.TensorSummary(tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), norm)
 
 
 def _variable_name(namespace: Any, obj: Any) -> str | None:

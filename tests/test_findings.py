@@ -10,6 +10,8 @@ import pytest
 import torch
 from IPython.core.error import UsageError
 
+import gradmagic
+
 MLP = (
     "from torch import nn\n"
     "model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))\n"
@@ -239,6 +241,39 @@ def test_sgd_step_shows_values_before_and_after(ip):
 
     assert not optimizer._global_optimizer_pre_hooks
     assert not optimizer._global_optimizer_post_hooks
+
+
+def test_a_step_is_measured_when_the_report_is_built_unless_the_parameter_moved_since():
+    from gradmagic.probes import CHANGED_SINCE
+
+    def block(w: torch.Tensor, big: torch.Tensor) -> object:
+        opt = torch.optim.SGD([w, big], lr=0.5)
+        with gradmagic.watch({"w": w, "big": big, "opt": opt}) as rec:
+            (3 * w).sum().backward()
+            (2 * big).sum().backward()
+            opt.step()
+        return rec
+
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    big = torch.ones(100, requires_grad=True)  # large: within the copy budget, by norms
+    rec = block(w, big)
+    # Nothing is measured while training goes on without a report ...
+    assert [p.after for p in rec.optimizer_steps[0].params] == [None, None]
+    with torch.no_grad():
+        big.add_(1.0)  # ... and `big` moves again after the block
+    rep = rec.report()
+    step_w, step_big = rep.steps[0].params
+    assert torch.equal(step_w.after, torch.tensor([-0.5, 0.5]))
+    assert torch.equal(step_w.change, torch.tensor([-1.5, -1.5]))
+    assert step_big.after == CHANGED_SINCE and step_big.change is None
+    assert step_big.before.norm == pytest.approx(10.0)  # ‖ones(100)‖ before the step
+    assert CHANGED_SINCE in repr(rep)
+    # Untouched until the report: exact norms after, before and of the change.
+    big2 = torch.ones(100, requires_grad=True)
+    _, step_big2 = (
+        block(torch.tensor([1.0, 2.0], requires_grad=True), big2).report().steps[0].params
+    )
+    assert step_big2.after.norm == pytest.approx(0.0) and step_big2.change == pytest.approx(10.0)
 
 
 def test_large_parameters_step_as_summaries_and_no_tensor_is_kept(ip):
