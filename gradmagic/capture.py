@@ -637,8 +637,10 @@ class Recorder:
             if isinstance(value, torch.Tensor) and value.requires_grad and value.is_leaf:
                 candidates.append(value)
         # The namer walked every module already: its parameter ids say which modules got
-        # a gradient, and only those are walked again.
+        # a gradient for some parameters and not others, and only those are walked again.
         for name, ids in namer.module_parameters().items():
+            if reached.issuperset(ids):
+                continue  # every parameter got its gradient: nothing expected is missing
             module = self.namespace.get(name)
             if not isinstance(module, nn.Module):
                 continue
