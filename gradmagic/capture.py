@@ -416,9 +416,7 @@ class Recorder:
         for (rec, _), copy in zip(small, stats.exact_copies([g for _, g in small])):
             rec.after = copy
         for (rec, grad), norm in zip(large, stats.norms([g for _, g in large])):
-            rec.after = stats.TensorSummary(
-                tuple(grad.shape), stats.dtype_name(grad.dtype), grad.numel(), norm
-            )
+            rec.after = stats.norm_summary(grad, norm)
 
     def _fold_repeat(self, record: BackwardRecord) -> None:
         """Fold the graph of a backward that repeats one recorded earlier in the block:

@@ -210,10 +210,7 @@ class OptimizerStepProbe:
         of full statistics.
         """
         large = [t for t in tensors if not self._exact(t)]
-        summaries = iter(
-            stats.TensorSummary(tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), n)
-            for t, n in zip(large, stats.norms(large))
-        )
+        summaries = iter(stats.norm_summary(t, n) for t, n in zip(large, stats.norms(large)))
         copies = iter(stats.exact_copies([t for t in tensors if self._exact(t)]))
         return [next(copies) if self._exact(t) else next(summaries) for t in tensors]
 
@@ -267,7 +264,7 @@ def complete_steps(steps: list[OptimizerSteps]) -> None:
             param.after = CHANGED_SINCE
             if item.first_copy is not None:
                 (norm,) = stats.norms([item.first_copy])
-                param.before = _summary(item.first_copy, norm)
+                param.before = stats.norm_summary(item.first_copy, norm)
     small = [
         (param, t)
         for param, item, t in current
@@ -290,15 +287,11 @@ def complete_steps(steps: list[OptimizerSteps]) -> None:
     found = stats.norms(tensors + befores + diffs[len(small) :] + [t for _, t in rest])
     n = len(moved)
     for k, (param, first, t) in enumerate(moved):
-        param.after = _summary(t, found[k])
-        param.before = _summary(first, found[n + k])
+        param.after = stats.norm_summary(t, found[k])
+        param.before = stats.norm_summary(first, found[n + k])
         param.change = found[2 * n + k]
     for (param, t), norm in zip(rest, found[3 * n :]):
-        param.after = _summary(t, norm)
-
-
-def _summary(t: torch.Tensor, norm: float) -> stats.TensorSummary:
-    return stats.TensorSummary(tuple(t.shape), stats.dtype_name(t.dtype), t.numel(), norm)
+        param.after = stats.norm_summary(t, norm)
 
 
 def _variable_name(namespace: Any, obj: Any) -> str | None:

@@ -67,6 +67,11 @@ class TensorSummary:
         return " ".join(parts)
 
 
+def norm_summary(t: torch.Tensor, norm: float) -> TensorSummary:
+    """The summary of a tensor measured only by its norm (the rest waits for a report)."""
+    return TensorSummary(tuple(t.shape), dtype_name(t.dtype), t.numel(), norm)
+
+
 def _num(x: float | None) -> str:
     if x is None:
         return "?"
@@ -158,9 +163,9 @@ def norms(tensors: Sequence[torch.Tensor]) -> list[float]:
 
 _CPU_NORM_DTYPES = (torch.float32, torch.float64)
 _DOT_FROM = 4096  # elements; below, the view a dot product needs costs more than it saves
-
-
-_BY_LIST_UNTIL = 64  # elements; up to here `tolist()` and `math.hypot` beat a norm kernel
+# Elements; up to here on the CPU, reading the numbers (`tolist()`) beats a kernel and its
+# `.item()`: for norms (`math.hypot`) and for finiteness alike.
+_BY_LIST_UNTIL = 64
 
 
 def small_norm(t: torch.Tensor) -> float | None:
@@ -314,10 +319,6 @@ def finite_numbers(numbers: list[Any]) -> bool:
     )
 
 
-# Up to this many elements on the CPU, reading the numbers beats a norm kernel.
-_FINITE_BY_LIST = 64
-
-
 def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
     """Whether each tensor holds only finite numbers (meta and empty ones do). Small CPU
     tensors are read as numbers; the rest take `norms` (one host sync per device)."""
@@ -326,7 +327,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
     for i, t in enumerate(tensors):
         if t.is_meta:
             continue
-        if t.is_cpu and t.numel() <= _FINITE_BY_LIST and t.layout == torch.strided:
+        if t.is_cpu and t.numel() <= _BY_LIST_UNTIL and t.layout == torch.strided:
             out[i] = finite_numbers(flat_list(t.tolist()))  # tolist() records nothing
         else:
             large.append(i)

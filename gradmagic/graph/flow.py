@@ -30,11 +30,7 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
     if g.numel() <= values:
         listed = g.tolist()  # records nothing, even under create_graph
         return listed, stats.finite_numbers(stats.flat_list(listed))
-    small = stats.small_norm(g)
-    if small is not None:
-        return ("norm", small), True
-    g = g.detach()  # the norm records nothing, even under create_graph
-    norm = float(torch.linalg.vector_norm(g))
+    (norm,) = stats.norms([g])  # records nothing, even under create_graph
     # A non-finite norm can be overflow of finite values: only then look closer.
     return ("norm", norm), math.isfinite(norm) or not stats.has_nonfinite(g)
 
