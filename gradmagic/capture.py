@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from . import _engine, stats
-from ._weak import WeakIdMap
 from .graph import FlowRecorder, ModuleSpans, snapshot
 from .graph.modules import install_module_hooks
 from .history import History, RunEntry, default_history
@@ -189,7 +188,8 @@ class Recorder:
         self.grad_mode = "enabled"  # or "no_grad", "inference_mode" when the block began
         self.run_number = 0
         self.closed = False
-        self._by_leaf = WeakIdMap()
+        # id(leaf) -> its record; an entry counts only while `rec.ref()` is that leaf.
+        self._by_leaf: dict[int, LeafRecord] = {}
         self._thread = threading.get_ident()
         self._depth = 0
         self._report = None
@@ -271,11 +271,12 @@ class Recorder:
     def _begin(self, call: _engine.EngineCall, frame: Any) -> tuple[BackwardRecord, Any]:
         _engine.caller_context(call, frame)
         roots = [t for t in call.outputs if isinstance(t, torch.Tensor)]
-        found: list[torch.Tensor] = []
+        found: list[tuple[torch.Tensor, LeafRecord]] = []
 
         def leaf_key(leaf: torch.Tensor) -> int:
-            found.append(leaf)
-            return self._leaf_key(leaf)
+            rec = self._leaf_record(leaf)
+            found.append((leaf, rec))
+            return rec.key
 
         # One walk finds the leaves and, when drawn, records the graph. It must be
         # the graph module's: it guards against a torch 2.13 crash on deep graphs.
@@ -291,17 +292,16 @@ class Recorder:
                 rec = self.leaves[src.leaf_key]
                 rec.consumer = rec.consumer or dst.op
         if call.inputs:
-            leaves = [t for t in call.inputs if isinstance(t, torch.Tensor)]
-            for leaf in leaves:
-                self._leaf_key(leaf)
+            pairs = [(t, self._leaf_record(t)) for t in call.inputs if isinstance(t, torch.Tensor)]
         else:
-            leaves = found
-        for root in roots:
-            self.created_names.want(root)
-        records = [self._by_leaf[leaf] for leaf in leaves]
+            pairs = found
+        if self.created_names.enabled:
+            for root in roots:
+                self.created_names.want(root)
+        records = [rec for _, rec in pairs]
         # Decided now, before the engine adds to `.grad`; applied only if it succeeds.
         self._adds_to_earlier = (
-            [rec for leaf, rec in zip(leaves, records) if self._adds_to_earlier_backward(leaf, rec)]
+            [rec for leaf, rec in pairs if self._adds_to_earlier_backward(leaf, rec)]
             if call.accumulate_grad
             else []
         )
@@ -316,7 +316,7 @@ class Recorder:
             _root_refs=[weakref.ref(t) for t in roots],
         )
         self.records.append(record)
-        self._pending = list(zip(leaves, records)) if call.accumulate_grad else []
+        self._pending = pairs if call.accumulate_grad else []
         if not self.options.graph:
             return record, nullcontext()
         record.graph = snap
@@ -325,22 +325,26 @@ class Recorder:
 
     def recorded_grad(self, leaf: torch.Tensor) -> Any:
         """What the last backward recorded of `leaf.grad`, if that gradient is still current."""
-        rec = self._by_leaf.get(leaf)
+        rec = self._record_of(leaf)
         grad = leaf.grad
         if rec is None or grad is None or rec.after_ref is None or rec.after_ref() is not grad:
             return None
         return rec.after if grad._version == rec.after_version else None
 
     def _named_in_frame(self, tensor: torch.Tensor, name: str) -> None:
-        rec = self._by_leaf.get(tensor)
+        rec = self._record_of(tensor)
         if rec is not None and rec.local_name is None:
             rec.local_name = name
 
-    def _leaf_key(self, leaf: torch.Tensor) -> int:
-        rec = self._by_leaf.get(leaf)
-        if rec is None:
+    def _record_of(self, leaf: torch.Tensor) -> LeafRecord | None:
+        rec = self._by_leaf.get(id(leaf))
+        return rec if rec is not None and rec.ref() is leaf else None
+
+    def _leaf_record(self, leaf: torch.Tensor) -> LeafRecord:
+        rec = self._by_leaf.get(id(leaf))
+        if rec is None or rec.ref() is not leaf:
             rec = self._register(leaf)
-        return rec.key
+        return rec
 
     def _register(self, leaf: torch.Tensor) -> LeafRecord:
         rec = LeafRecord(
@@ -350,7 +354,7 @@ class Recorder:
             dtype=stats.dtype_name(leaf.dtype),
             device=stats.device_name(leaf),
             numel=leaf.numel(),
-            local_name=self.created_names.get(leaf),
+            local_name=self.created_names.get(leaf) if self.created_names.enabled else None,
         )
         grad = leaf.grad
         rec.before = _value_or_summary(grad, self.options)
@@ -362,7 +366,7 @@ class Recorder:
                 # A transient copy, to say exactly what this block added.
                 rec.before_copy = stats.exact_copy(grad)
         self.leaves.append(rec)
-        self._by_leaf[leaf] = rec
+        self._by_leaf[id(leaf)] = rec
         return rec
 
     def _adds_to_earlier_backward(self, leaf: torch.Tensor, rec: LeafRecord) -> bool:
@@ -649,7 +653,7 @@ class Recorder:
         for leaf in candidates:
             if id(leaf) in reached:
                 continue
-            rec = self._by_leaf.get(leaf) or self._register(leaf)
+            rec = self._leaf_record(leaf)
             rec.expected = True
 
     def report(self) -> Any:

@@ -27,9 +27,13 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
     g = grad
     if g.layout != torch.strided:
         g = g.detach().coalesce().values() if g.is_sparse else g.detach().to_dense()
-    if g.numel() <= values:
+    n = g.numel()
+    if n <= values:
         listed = g.tolist()  # records nothing, even under create_graph
         return listed, stats.finite_numbers(stats.flat_list(listed))
+    norm = stats.small_norm(g)  # a small CPU gradient: finite if it has a norm here
+    if norm is not None:
+        return ("norm", norm), True
     (norm,) = stats.norms([g])  # records nothing, even under create_graph
     # A non-finite norm can be overflow of finite values: only then look closer.
     return ("norm", norm), math.isfinite(norm) or not stats.has_nonfinite(g)
@@ -57,18 +61,23 @@ class FlowRecorder:
         self.values = values
         self._live: LiveNodes | None = live_nodes
         self._handles: list[Any] = []
-        self._sources: dict[int, dict[int, int]] = {}  # dst -> slot -> src
+        self._targets: dict[int, list[tuple[int, int]]] = {}  # dst -> [(slot, src)]
 
     def __enter__(self) -> FlowRecorder:
         live, self._live = self._live, None  # hooks need the nodes once; never keep them
         if not live or self.snap.n_ops > self.budget or self.snap.flow_elements > FLOW_ELEMENTS:
             return self
+        targets = self._targets
         for e in self.snap.edges:
-            self._sources.setdefault(e.dst, {})[e.slot] = e.src
+            if e.dst in targets:
+                targets[e.dst].append((e.slot, e.src))
+            else:
+                targets[e.dst] = [(e.slot, e.src)]
+        record = self._record
         try:
-            for nid, node in live.items():
-                if self.snap.nodes[nid].kind == "op":
-                    self._handles.append(node.register_hook(functools.partial(self._record, nid)))
+            # Only ops with an edge to draw: a node whose inputs need no gradient has none.
+            for nid in targets:
+                self._handles.append(live[nid].register_hook(functools.partial(record, nid)))
         except BaseException:
             self._remove()
             raise
@@ -83,17 +92,17 @@ class FlowRecorder:
             handle.remove()
 
     def _record(self, nid: int, grad_inputs: tuple, grad_outputs: tuple) -> None:
-        # grad_inputs[i] is what this node sends along edge i of its next_functions.
+        # grad_inputs[slot] is what this node sends along edge `slot` of its next_functions.
         try:
-            sources = self._sources.get(nid, {})
-            finite = True
-            for slot, grad in enumerate(grad_inputs):
+            flow_values, values, finite = self.snap.flow_values, self.values, True
+            for slot, src in self._targets[nid]:
+                grad = grad_inputs[slot] if slot < len(grad_inputs) else None
                 if grad is None:
                     continue
-                value, ok = _flow_value(grad, self.values)
+                value, ok = _flow_value(grad, values)
                 finite = finite and ok
-                if slot in sources and value is not None:
-                    self.snap.flow_values[(sources[slot], nid, slot)] = value
+                if value is not None:
+                    flow_values[(src, nid, slot)] = value
             if not finite:
                 self.snap.flow_nonfinite_nodes.append(nid)
         except Exception:  # noqa: BLE001 - a drawing detail must never break a backward
