@@ -74,7 +74,7 @@ class Options:
         return self.copies or t.numel() <= self.values
 
 
-@dataclass
+@dataclass(slots=True)
 class BackwardRecord:
     """One call into the autograd engine made while watching."""
 
@@ -97,7 +97,7 @@ class BackwardRecord:
         return f"BackwardRecord(kind={self.kind!r}, roots={self.roots}{extra})"
 
 
-@dataclass
+@dataclass(slots=True)
 class LeafRecord:
     """One leaf tensor a backward reached (or that should have got a gradient)."""
 

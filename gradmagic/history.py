@@ -20,7 +20,7 @@ from ._weak import WeakIdMap
 MAX_ENTRIES = 50
 
 
-@dataclass
+@dataclass(slots=True)
 class RunEntry:
     """What one watched cell run did to one leaf's gradient."""
 
@@ -32,7 +32,7 @@ class RunEntry:
     runs: int
 
 
-@dataclass
+@dataclass(slots=True)
 class LeafHistory:
     runs: int = 0
     grad_ref: weakref.ref | None = None

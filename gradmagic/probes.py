@@ -88,7 +88,7 @@ class OptimizerSteps:
         return call if self.name == self.kind else f"{self.name} = {call}"
 
 
-@dataclass
+@dataclass(slots=True)
 class _LiveParam:
     ref: Any
     before: Any
@@ -97,7 +97,7 @@ class _LiveParam:
     steps: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _LiveOptimizer:
     ref: Any
     kind: str
