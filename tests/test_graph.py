@@ -87,6 +87,24 @@ def test_snapshot_names_the_ops_torch_emits_and_the_leaves():
     assert consumer[leaf_node(snap, 0).id].saved == (("exponent", "3"), ("self", "(2,)"))
 
 
+def test_every_edge_has_the_shape_torch_gives_its_gradient():
+    # Edges into leaves take the leaf's shape, the others the engine's input metadata:
+    # both must be what torch records for the gradient along the edge.
+    x = torch.randn(5, 3)
+    w = torch.randn(3, 2, requires_grad=True)
+    b = torch.randn(2, requires_grad=True)
+    s = torch.tensor(2.0, requires_grad=True)
+    loss = ((x @ w + b) * s).sum()
+    snap, live = snapshot([loss], leaf_key=keyed(w, b, s))
+    for e in snap.edges:
+        expected = tuple(live[e.src]._input_metadata[0].shape)
+        assert tuple(e.size) == expected and e.shape == str(expected)
+    into_leaves = {
+        snap.nodes[e.src].leaf_key: e.shape for e in snap.edges if snap.nodes[e.src].kind == "leaf"
+    }
+    assert into_leaves == {0: "(3, 2)", 1: "(2,)", 2: "()"}
+
+
 def test_sequence_numbers_follow_the_forward():
     a, b, q = q_graph()
     snap, _ = snapshot([q], leaf_key=keyed(a, b))

@@ -450,29 +450,34 @@ class _Walk:
         nid = len(self.nodes)
         self.ids[id(node)] = nid
         self.live[nid] = node
-        self.nodes.append(self.describe(nid, node))
+        if type(node).__name__ == "AccumulateGrad":
+            # A leaf: nothing to walk below it, and the gradient it gets has its shape.
+            leaf = node.variable
+            self.nodes.append(self._leaf_node(nid, leaf))
+            self.in_sizes.append(() if self.light or leaf.is_nested else (leaf.shape,))
+            return nid
+        self.nodes.append(
+            GraphNode(
+                nid,
+                "op",
+                _op_name(node),
+                _sequence_nr(node),
+                () if self.light else _saved_values(node),
+                is_input=id(node) in self.input_nodes,
+            )
+        )
         self.in_sizes.append(() if self.light else _input_sizes(node))
         self.stack.append(nid)
         return nid
 
-    def describe(self, nid: int, node: Any) -> GraphNode:
-        if type(node).__name__ == "AccumulateGrad":
-            leaf = node.variable
-            return GraphNode(
-                nid,
-                "leaf",
-                leaf_key=self.leaf_key(leaf),
-                shape=_shape_text(leaf.shape),
-                dtype=_dtype_text(leaf.dtype),
-                is_input=id(leaf) in self.input_leaves,
-            )
+    def _leaf_node(self, nid: int, leaf: torch.Tensor) -> GraphNode:
         return GraphNode(
             nid,
-            "op",
-            _op_name(node),
-            _sequence_nr(node),
-            () if self.light else _saved_values(node),
-            is_input=id(node) in self.input_nodes,
+            "leaf",
+            leaf_key=self.leaf_key(leaf),
+            shape=_shape_text(leaf.shape),
+            dtype=_dtype_text(leaf.dtype),
+            is_input=id(leaf) in self.input_leaves,
         )
 
     def run(self) -> None:
