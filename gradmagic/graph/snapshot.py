@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..stats import flat_list
+from ..stats import dtype_name, flat_list
 
 LiveNodes = dict[int, Any]
 """Node id -> autograd Node: only to hook the nodes while the backward runs, then dropped."""
@@ -324,10 +324,6 @@ def _shape_text(shape: Iterable[Any]) -> str:
     return f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
 
 
-def _dtype_text(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _number_text(value: float | int | bool) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -476,7 +472,7 @@ class _Walk:
             "leaf",
             leaf_key=self.leaf_key(leaf),
             shape=_shape_text(leaf.shape),
-            dtype=_dtype_text(leaf.dtype),
+            dtype=dtype_name(leaf.dtype),
             is_input=id(leaf) in self.input_leaves,
         )
 
