@@ -17,12 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 from .capture import Recorder, watch
-from .diagnostics import Finding
-from .graph import graph
+from .capture.recorder import REPORT_BUILDER
+from .findings import Finding
+from .graph.draw import graph
 from .report import GradReport
 
 __version__ = "0.1.0"
 __all__ = ["Finding", "GradReport", "Recorder", "graph", "watch", "__version__"]
+
+# The capture layer builds no report itself: `rec.report()` calls the report layer's builder.
+if not REPORT_BUILDER:
+    REPORT_BUILDER.append(GradReport.from_block)
 
 _loaded: dict[int, Any] = {}
 

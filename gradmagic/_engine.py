@@ -2,9 +2,12 @@
 
 Every Python entry into the autograd engine (`Tensor.backward`,
 `torch.autograd.backward`, `torch.autograd.grad`) ends in
-`_engine_run_backward`, bound under two names. gradmagic wraps both while a
-recorder is active and restores both afterwards. `tests/test_engine.py` fails
-loudly when a torch upgrade moves any of this.
+`_engine_run_backward`, bound under two names: gradmagic wraps both while a
+recorder is active and restores both afterwards. The rest reads autograd nodes
+without unpacking a saved tensor, runs gradmagic's own tensor work out of the
+user's dispatch modes (`quiet`), and names the few private functions whose calls
+change `.grad` (`EDIT_POINTS`). `tests/test_engine.py` fails loudly when a torch
+upgrade moves any of this.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from typing import Any
 import torch
 import torch.autograd
 import torch.autograd.graph
+from torch.utils._python_dispatch import _pop_mode, _push_mode
 
-# Modules that hold a reference to the engine entry point. `torch.autograd`
-# imports it from `torch.autograd.graph`, and `backward()`/`grad()` look it up
-# in `torch.autograd`'s globals, so both must be wrapped.
+# `torch.autograd` imports the entry point from `torch.autograd.graph`, and
+# `backward()`/`grad()` look it up in `torch.autograd`'s globals: both are wrapped.
 ENGINE_HOLDERS = (torch.autograd.graph, torch.autograd)
 ENGINE_ATTR = "_engine_run_backward"
 
@@ -40,9 +43,11 @@ class EngineCall:
     create_graph: bool
     inputs: tuple[Any, ...]
     accumulate_grad: bool
-    # The `gradient=` / `grad_outputs=` argument exactly as the user passed it
-    # (None when PyTorch made the implicit ones for a scalar).
+    # The `gradient=` / `grad_outputs=` argument as the user passed it (None when
+    # PyTorch made the implicit ones for a scalar), and the torch function the
+    # user's code called to get here (`Tensor.backward`, `gradcheck`).
     user_gradient: Any = None
+    via: str = ""
 
     @property
     def kind(self) -> str:
@@ -70,47 +75,245 @@ def parse_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> EngineCall:
     )
 
 
-def _user_gradient_from(frame: Any) -> Any:
-    """The gradient argument as given to `torch.autograd.backward`/`grad`."""
-    code = frame.f_code
-    if code is torch.autograd.backward.__code__:
-        return frame.f_locals.get("grad_tensors")
-    if code is torch.autograd.grad.__code__:
-        return frame.f_locals.get("grad_outputs")
-    return None
-
-
 def caller_context(call: EngineCall, frame: Any) -> None:
-    """Fill `user_gradient` from the torch frames between the user and the engine."""
+    """Fill `user_gradient` and `via` from the torch frames between the user and the engine."""
+    backward, grad = torch.autograd.backward.__code__, torch.autograd.grad.__code__
     while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
-        if call.user_gradient is None:
-            call.user_gradient = _user_gradient_from(frame)
+        code = frame.f_code
+        if call.user_gradient is None and code in (backward, grad):
+            call.user_gradient = frame.f_locals.get(
+                "grad_tensors" if code is backward else "grad_outputs"
+            )
+        call.via = getattr(code, "co_qualname", code.co_name)
         frame = frame.f_back
 
 
-def should_skip(call: EngineCall) -> bool:
-    """Calls gradmagic must leave alone: compile tracing, functorch, fake tensors."""
+def skip_reason(call: EngineCall) -> str | None:
+    """Why gradmagic must leave a call alone, or None to record it.
+
+    "" for calls that are not the user's to see (compile tracing, fake tensors);
+    a sentence for calls it cannot observe without changing them.
+    """
     if torch.compiler.is_compiling():
-        return True
+        return ""
     fake = _fake_tensor_type()
-    for t in call.outputs:
+    functorch = torch._C._functorch
+    for t in (*call.outputs, *call.grad_outputs):
         if not isinstance(t, torch.Tensor):
             continue
-        if isinstance(t, fake) or torch._C._functorch.is_functorch_wrapped_tensor(t):
-            return True
-    return False
+        if fake is not None and isinstance(t, fake):
+            return ""
+        if functorch.is_legacy_batchedtensor(t):
+            return "made by a batched `torch.autograd.grad` (`is_grads_batched=True`)"
+        if functorch.is_functorch_wrapped_tensor(t) or functorch.is_batchedtensor(t):
+            return "inside a torch.func transform"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "inside a torch.func transform"
+    return None
+
+
+def _fake_tensor_type() -> type | None:
+    # Not imported here: importing it costs and warns. No FakeTensor exists until it is.
+    module = sys.modules.get("torch._subclasses.fake_tensor")
+    return getattr(module, "FakeTensor", None)
+
+
+def in_backward() -> bool:
+    """Whether this thread runs inside a backward (a reentrant checkpoint's own backward)."""
+    return torch._C._current_autograd_node() is not None
+
+
+# --- gradmagic's own tensor work --------------------------------------------------------------
+
+
+class quiet:  # noqa: N801 - used as `with quiet():`, like a function
+    """Run gradmagic's tensor work where the user cannot see it.
+
+    Grad mode off; no `__torch_function__` of the user's modes or subclasses;
+    the user's `TorchDispatchMode`s (a logging mode, a checkpoint's recompute
+    mode) popped for the duration and pushed back as they were. A class, not a
+    generator: it runs in every hook.
+    """
+
+    __slots__ = ("_grad", "_function", "_modes", "_profiled")
+
+    def __enter__(self) -> None:
+        self._grad = torch.is_grad_enabled()
+        if self._grad:
+            torch._C._set_grad_enabled(False)
+        # A running profiler records every op through RecordFunction: gradmagic's are not
+        # the user's. (torch offers no getter: it is on unless someone turned it off.)
+        self._profiled = torch._C._autograd._profiler_enabled()
+        if self._profiled:
+            torch._C._autograd._enable_record_function(False)
+        self._function = torch._C.DisableTorchFunction()
+        self._function.__enter__()
+        pre = torch._ops._len_torch_dispatch_stack_pre_dispatch()
+        n = torch._C._len_torch_dispatch_stack()
+        self._modes: list[Any] = []
+        if pre or n:
+            self._modes = [torch._ops._pop_mode_from_pre_dispatch() for _ in range(pre)]
+            self._modes += [_pop_mode() for _ in range(n)]
+
+    def __exit__(self, *exc: object) -> None:
+        # Python-key modes back first (popped last), then the pre-dispatch ones.
+        for mode in reversed(self._modes):
+            _push_mode(mode)
+        self._function.__exit__(None, None, None)
+        if self._profiled:
+            torch._C._autograd._enable_record_function(True)
+        if self._grad:
+            torch._C._set_grad_enabled(True)
+
+
+def is_named_leaf(value: torch.Tensor) -> bool:
+    """Whether a tensor is a leaf that requires grad, read without touching `.grad_fn`.
+
+    `.grad_fn` raises for a view made under `no_grad` and modified in place, and
+    wraps the node in a Python object that makes freeing a deep graph recurse.
+    """
+    return value.requires_grad and not value._is_view() and value.is_leaf
+
+
+def reads_grad_quietly(t: torch.Tensor) -> bool:
+    """Whether `t.grad` can be read without PyTorch's "not a leaf" warning."""
+    return t.is_leaf or t.retains_grad
+
+
+# --- autograd nodes, read without unpacking a saved tensor ------------------------------------
+
+
+def op_name(node: Any) -> str:
+    try:
+        return node.name().removeprefix("torch::autograd::")
+    except Exception:  # noqa: BLE001 - a node type without name(): its class says enough
+        return type(node).__name__
+
+
+def sequence_nr(node: Any) -> int | None:
+    try:
+        return int(node._sequence_nr())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def input_sizes(node: Any) -> list[Any]:
+    """Shapes of the gradients a node receives (`torch.Size`), from its metadata; an
+    empty list where torch cannot say (nested tensors)."""
+    try:
+        return [meta.shape for meta in node._input_metadata]
+    except Exception:  # noqa: BLE001 - nested tensors and older torch: edges go unlabelled
+        return []
+
+
+def next_functions(node: Any) -> tuple:
+    try:
+        return node.next_functions
+    except Exception:  # noqa: BLE001
+        return ()
+
+
+def is_accumulate_grad(node: Any) -> bool:
+    return type(node).__name__ == "AccumulateGrad"
+
+
+_SAVED_NOISE = ("_sym_strides", "_sym_storage_offset", "_sym_numel", "_sym_sizes_opt")
 
 
 @functools.cache
-def _fake_tensor_type() -> type:
-    # Imported on first use, once: the module is large, and a `from ... import` in the
-    # function body would cost a few microseconds on every backward.
-    from torch._subclasses.fake_tensor import FakeTensor
+def _saved_plan(node_type: type) -> tuple[tuple[str, str], ...]:
+    """(name, attribute) of what a node type saved that is not a tensor.
 
-    return FakeTensor
+    A saved tensor has a `_raw_saved_<name>` twin: reading `_saved_<name>` would
+    unpack it, running unpack hooks and making checkpointing recompute. Its
+    `_saved_<name>_sym_sizes`, when torch keeps one, is plain data: its shape.
+    """
+    names = set(dir(node_type))
+    plan = []
+    for attr in sorted(names):
+        if not attr.startswith("_saved_") or attr.endswith(_SAVED_NOISE):
+            continue
+        name = attr.removeprefix("_saved_")
+        if "_raw_saved_" + name in names:
+            continue
+        plan.append((name.removesuffix("_sym_sizes"), attr))
+    return tuple(plan)
 
 
-# --- installing the wrapper -------------------------------------------------
+def saved_values(node: Any) -> tuple[tuple[str, Any], ...]:
+    """What a node saved that is not a tensor (numbers, dims, sizes), read before the
+    backward frees it; a custom Function's saved tensors are only counted."""
+    found: dict[str, Any] = {}
+    for name, attr in _saved_plan(type(node)):
+        try:
+            value = getattr(node, attr)
+        except Exception:  # noqa: BLE001 - freed by a backward without retain_graph
+            continue
+        if attr.endswith("_sym_sizes"):
+            value = _size(value or ())
+        if value is not None and name not in found:
+            found[name] = value
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        try:
+            count = len(node._raw_saved_tensors)  # the count only: nothing is unpacked
+        except Exception:  # noqa: BLE001 - freed
+            count = 0
+        if count:
+            found["saved"] = f"{count} tensor{'s' if count > 1 else ''}"
+    return tuple(found.items())
+
+
+def _size(dims: Any) -> Any:
+    try:
+        return torch.Size(dims)
+    except Exception:  # noqa: BLE001 - symbolic sizes: their text
+        return tuple(str(d) for d in dims)
+
+
+def sequence_counter() -> Callable[[], int] | None:
+    """The next autograd sequence number of this thread: ops created between two reads
+    belong to the module call that ran in between."""
+    fn = getattr(torch._C._autograd, "_get_sequence_nr", None)
+    return fn if callable(fn) else None
+
+
+# --- functions that change `.grad` between backwards ------------------------------------------
+
+# (owner, attribute, what): wrapped while a recorder is active, so a change of `.grad`
+# can be said to come from them. `_clip_grads_with_norm_` is looked up in its module at
+# each `clip_grad_norm_` call, however the user imported that.
+EDIT_POINTS: tuple[tuple[Any, str, str], ...] = (
+    (torch.nn.utils.clip_grad, "_clip_grads_with_norm_", "clip_norm"),
+    (torch.nn.utils.clip_grad, "clip_grad_value_", "clip_value"),
+    (torch.nn.utils, "clip_grad_value_", "clip_value"),
+    (torch.amp.grad_scaler.GradScaler, "scale", "scale"),
+    (torch.amp.grad_scaler.GradScaler, "unscale_", "unscale"),
+    (torch.amp.grad_scaler.GradScaler, "step", "scaler_step"),
+)
+
+
+def scaler_scale(scaler: Any) -> float | None:
+    """The loss scale a GradScaler multiplies by (None when disabled or not started)."""
+    scale = getattr(scaler, "_scale", None)
+    if not getattr(scaler, "_enabled", False) or not isinstance(scale, torch.Tensor):
+        return None
+    return float(scale.item())
+
+
+def scaler_found_inf(scaler: Any, optimizer: Any) -> bool | None:
+    """Whether the scaler's last unscale of `optimizer`'s gradients found NaN or Inf."""
+    try:
+        # `.get`: the states are a defaultdict, and a lookup must not add one.
+        state = scaler._per_optimizer_states.get(id(optimizer))
+        found = state["found_inf_per_device"] if state else None
+    except Exception:  # noqa: BLE001 - another GradScaler layout
+        return None
+    if not found:
+        return None
+    return any(float(v.item()) != 0.0 for v in found.values())
+
+
+# --- installing the engine wrapper --------------------------------------------------------------
 
 # handler(original, args, kwargs, caller_frame) -> whatever the engine returns
 Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any], Any]
@@ -163,10 +366,13 @@ def uninstall() -> None:
 
 
 def is_patched() -> bool:
-    return any(getattr(getattr(h, ENGINE_ATTR), "__gradmagic__", False) for h in ENGINE_HOLDERS)
+    """Whether any wrapper of gradmagic's is in place: the engine's or an edit point's."""
+    wrapped = [getattr(h, ENGINE_ATTR) for h in ENGINE_HOLDERS]
+    wrapped += [getattr(owner, attr, None) for owner, attr, _ in EDIT_POINTS]
+    return any(getattr(fn, "__gradmagic__", False) for fn in wrapped)
 
 
-# --- walking a module tree ----------------------------------------------------
+# --- walking a module tree ----------------------------------------------------------------------
 
 
 def module_tree(
@@ -176,9 +382,8 @@ def module_tree(
     `named_parameters(prefix, remove_duplicate=False)` of `module`, read in one walk.
 
     Reads `_modules` and `_parameters`, which is what those methods do, at a
-    fraction of their cost (they are generators over generators): a watched block
-    names every module's parameters when it closes. A tree holding a class that
-    overrides either method is read through the methods themselves.
+    fraction of their cost (they are generators over generators). A tree holding
+    a class that overrides either method is read through the methods themselves.
     """
     modules: list[tuple[str, torch.nn.Module]] = []
     params: list[tuple[str, torch.Tensor]] = []
@@ -215,13 +420,15 @@ def _walk_modules(
     modules: list[tuple[str, torch.nn.Module]],
     params: list[tuple[str, torch.Tensor]],
 ) -> None:
-    if not _plain_walk(type(module)):
-        raise _Overridden
-    modules.append((prefix, module))
-    dot = prefix + "." if prefix else ""
-    for name, param in module._parameters.items():
-        if param is not None:
-            params.append((dot + name, param))
-    for name, sub in module._modules.items():
-        if sub is not None:
-            _walk_modules(sub, dot + name, modules, params)
+    stack = [(prefix, module)]
+    while stack:
+        prefix, module = stack.pop()
+        if not _plain_walk(type(module)):
+            raise _Overridden
+        modules.append((prefix, module))
+        dot = prefix + "." if prefix else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                params.append((dot + name, param))
+        subs = [(dot + name, sub) for name, sub in module._modules.items() if sub is not None]
+        stack.extend(reversed(subs))  # depth first, in registration order

@@ -1,14 +1,13 @@
 """Per-leaf memory across cell runs, held through weak references only.
 
-A leaf's history remembers which gradient tensor the last watched run left in
-`.grad` and its `_version`. Accumulation without `create_graph` happens in
-place, so if the next run finds the same tensor at the same version, nobody
-zeroed it: this run adds to it. Nothing here keeps a user's tensor alive.
+A leaf's history remembers what its `.grad` held when the last watched run
+ended, by content, and how many runs had added to it. If the next run finds the
+same content, nobody zeroed it in between: this run adds to it. Nothing here
+keeps a user's tensor alive.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,16 +33,9 @@ class RunEntry:
 
 @dataclass(slots=True)
 class LeafHistory:
-    runs: int = 0
-    grad_ref: weakref.ref | None = None
-    grad_version: int = -1
+    runs: int = 0  # cell runs that had added to `end`
+    end: Any = None  # the value `.grad` held when the last watched run ended
     entries: deque = field(default_factory=lambda: deque(maxlen=MAX_ENTRIES))
-
-    def left_this_grad(self, grad: torch.Tensor | None) -> bool:
-        """True if `grad` is exactly what the last watched run left, untouched since."""
-        if grad is None or self.grad_ref is None:
-            return False
-        return self.grad_ref() is grad and grad._version == self.grad_version
 
 
 class History:
@@ -63,15 +55,13 @@ class History:
         self.cell_runs += 1
         return self.cell_runs
 
-    def record(self, leaf: torch.Tensor, entry: RunEntry) -> None:
-        """Remember the gradient `leaf` holds now, and what this run did."""
+    def record(self, leaf: torch.Tensor, entry: RunEntry, end: Any) -> None:
+        """Remember what this run did and what `.grad` held when it ended."""
         item = self._leaves.get(leaf)
         if item is None:
             item = self._leaves[leaf] = LeafHistory()
-        grad = leaf.grad
         item.runs = entry.runs
-        item.grad_ref = weakref.ref(grad) if grad is not None else None
-        item.grad_version = grad._version if grad is not None else -1
+        item.end = end
         item.entries.append(entry)
 
     def entries(self, leaf: torch.Tensor) -> list[RunEntry]:

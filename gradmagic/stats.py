@@ -1,10 +1,16 @@
-"""Gradient values and summaries, computed with few host synchronisations.
+"""The content of a gradient at one moment: a value, its norm, its statistics.
 
-Small tensors (at most `values` elements) are kept exactly as detached clones.
-Large ones get a `TensorSummary`: one line in the spirit of lovely-tensors.
-The norms of a whole batch of gradients come from one `torch._foreach_norm`
-call; the other statistics are stacked on the device and read back with a
-single `.tolist()`.
+A gradient read by gradmagic is a *value*: None (no `.grad`), an exact copy
+(tensors of at most `values` elements, or every tensor with `copies=True`), or
+a `TensorSummary` (large tensors: the norm when read, full statistics when
+asked). Two readings are compared by content (`same`), never by identity or
+`_version`. Norms are summed in float64 over blocks of 64K elements, so a large
+float32 gradient's norm is right to about 1e-7 and a non-zero gradient never
+has norm 0. Tensors whose values cannot be read (meta, fake, tensor
+subclasses that dispatch in Python) are summaries with `norm=None` and a note.
+
+Callers run these functions inside `capture._engine.quiet()`, out of the
+user's dispatch modes.
 """
 
 from __future__ import annotations
@@ -19,16 +25,22 @@ from typing import Any
 import torch
 
 DEFAULT_VALUES = 16
+_ROW = 1 << 16  # elements per block of a norm: float32 within a block, float64 across
+_BY_LIST_UNTIL = 64  # elements: up to here, numbers read with `tolist()` beat a kernel
 
 
 @dataclass(frozen=True)
 class TensorSummary:
-    """Statistics of one large tensor. `str()` gives the one-line summary."""
+    """Statistics of one tensor too large to copy. `str()` gives the one-line summary.
 
-    shape: tuple[int, ...]
+    `norm is None` means its values were not read (`note` says why); only the
+    norm is known until full statistics are taken (`mean is None`).
+    """
+
+    shape: tuple[int, ...] | None
     dtype: str
     numel: int
-    norm: float
+    norm: float | None
     mean: float | None = None
     std: float | None = None
     min: float | None = None
@@ -39,16 +51,22 @@ class TensorSummary:
     note: str = ""
 
     @property
+    def readable(self) -> bool:
+        return self.norm is not None
+
+    @property
     def nonfinite(self) -> bool:
         if self.nan is not None or self.inf is not None:
             return bool(self.nan or self.inf)
-        return not math.isfinite(self.norm)
+        return self.norm is not None and not math.isfinite(self.norm)
 
     @property
     def is_zero(self) -> bool:
         return self.norm == 0.0
 
     def __str__(self) -> str:
+        if self.norm is None:
+            return f"n={self.numel:,} no values ({self.note})"
         parts = [f"n={self.numel:,}", f"‖g‖={_num(self.norm)}"]
         if self.mean is not None:
             parts.append(f"x∈[{_num(self.min)}, {_num(self.max)}]")
@@ -63,13 +81,8 @@ class TensorSummary:
         if self.nan is None and not math.isfinite(self.norm):
             parts.append("NaN/Inf!")
         if self.note:
-            parts.append(self.note)
+            parts.append(f"({self.note})")
         return " ".join(parts)
-
-
-def norm_summary(t: torch.Tensor, norm: float) -> TensorSummary:
-    """The summary of a tensor measured only by its norm (the rest waits for a report)."""
-    return TensorSummary(tuple(t.shape), dtype_name(t.dtype), t.numel(), norm)
 
 
 def _num(x: float | None) -> str:
@@ -84,218 +97,318 @@ def _num(x: float | None) -> str:
     return f"{x:.2e}"
 
 
-def _statistics_view(t: torch.Tensor) -> torch.Tensor | None:
-    """A dense, real, float view that statistics kernels accept (None for meta)."""
+# --- which values can be read ---------------------------------------------------------------
+
+
+def _plain_class(cls: type) -> bool:
+    # A subclass that dispatches in Python (a wrapper subclass) would run its own code
+    # on every op gradmagic makes; one that only overrides __torch_function__ is plain
+    # once that is off (`quiet`).
+    return getattr(cls, "__torch_dispatch__", None) is torch.Tensor.__torch_dispatch__
+
+
+def computable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """A plain tensor holding `t`'s values (detached, no copy where possible) and a note;
+    None and the reason where its values cannot be read without running user code
+    or a collective."""
     if t.is_meta:
-        return None
-    t = t.detach()  # first: what follows records nothing
+        return None, "meta"
+    note = ""
+    cls = type(t)
+    if cls.__name__ == "DTensor" and hasattr(t, "to_local"):
+        t, note = t.to_local(), "this rank's shard"  # the full tensor needs a collective
+    elif not _plain_class(cls):
+        return None, f"{cls.__name__}: values not read"
+    if t.is_nested:
+        return None, "nested"
+    t = t.detach()
     if t.is_sparse:
-        t = t.coalesce().values()
-    elif t.layout != torch.strided:
-        t = t.to_dense()
-    if t.is_complex():
-        t = t.abs()
-    if t.dtype in (torch.float16, torch.bfloat16) or not t.is_floating_point():
-        t = t.float()
-    return t.reshape(-1)
+        return t.coalesce().values(), note or "sparse"
+    if t.layout != torch.strided:
+        return t.to_dense(), note or "sparse"
+    return t, note
 
 
-# Every op here reads detached tensors, so nothing is recorded even under
-# `create_graph`; `with torch.no_grad()` would say the same at about 4 µs a block, more
-# than the op it guards on a small tensor.
+def shape_of(t: torch.Tensor) -> tuple[int, ...] | None:
+    try:
+        return tuple(t.shape)
+    except Exception:  # noqa: BLE001 - nested tensors have no single shape
+        return None
 
 
-def exact_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached clone: under `create_graph` a plain clone would carry a graph."""
-    return (t.detach() if t.requires_grad else t).clone()
+def numel_of(t: torch.Tensor) -> int:
+    try:
+        return t.numel()
+    except Exception:  # noqa: BLE001
+        return 0
 
 
-def exact_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """`exact_copy` of many tensors (a flat buffer split into views costs more)."""
-    return [t.clone() for t in _detached(tensors)]
+# --- reading values -------------------------------------------------------------------------
 
 
-def differences(
-    afters: Sequence[torch.Tensor], befores: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """`after - before` for each pair, in one batched op."""
-    if not afters:
-        return []
-    return list(torch._foreach_sub(_detached(afters), _detached(befores)))
-
-
-def _detached(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    # A tensor that does not require grad records nothing: only the others need detach().
-    return [t.detach() if t.requires_grad else t for t in tensors]
-
-
-def norms(tensors: Sequence[torch.Tensor]) -> list[float]:
-    """Euclidean norms of many tensors with one host synchronisation per device.
-
-    Float tensors on the CPU are measured one by one: there is no synchronisation to
-    save, and one call per tensor costs less than batching (`_foreach_norm`, a stack
-    and a read). Large ones take BLAS's dot product, about four times faster than
-    `vector_norm` on a training step's gradients (25 -> 6 ms for the transformer LM's).
-    """
-    if not tensors:
-        return []
-    out: list[float] = [math.nan] * len(tensors)
-    by_device: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    views: dict[int, torch.Tensor] = {}
+def read_values(tensors: Sequence[torch.Tensor | None], keep: int, copies: bool) -> list[Any]:
+    """The value of each tensor now: None, an exact copy (at most `keep` elements, or any
+    with `copies`), else a norm-only `TensorSummary`. One host sync per device."""
+    out: list[Any] = [None] * len(tensors)
+    large: list[tuple[int, torch.Tensor, torch.Tensor, str]] = []
     for i, t in enumerate(tensors):
-        if t.is_cpu and t.dtype in _CPU_NORM_DTYPES and t.layout == torch.strided:
-            out[i] = _cpu_norm(t.detach() if t.requires_grad else t)
+        if t is None:
             continue
-        v = _statistics_view(t) if (t.is_sparse or t.is_complex()) else t.detach()
-        if v is None or v.is_meta:
-            continue
-        if v.dtype in (torch.float16, torch.bfloat16) or not v.is_floating_point():
-            v = v.float()
-        views[i] = v
-        by_device.setdefault((v.device, v.dtype), []).append(i)
-    for idx in by_device.values():
-        group = [views[i] for i in idx]
-        values = torch.stack(torch._foreach_norm(group)).tolist()  # type: ignore[arg-type]
-        for i, value in zip(idx, values):
-            out[i] = float(value)
+        v, note = computable(t)
+        if v is not None and note in ("", "sparse") and (copies or numel_of(t) <= keep):
+            out[i] = t.detach().clone()  # a sparse gradient stays sparse
+        else:
+            large.append((i, t, v, note))
+    found = norms([v for _, _, v, _ in large])
+    for (i, t, _, note), norm in zip(large, found):
+        out[i] = TensorSummary(shape_of(t), dtype_name(t.dtype), numel_of(t), norm, note=note)
     return out
 
 
-_CPU_NORM_DTYPES = (torch.float32, torch.float64)
-_DOT_FROM = 4096  # elements; below, the view a dot product needs costs more than it saves
-# Elements; up to here on the CPU, reading the numbers (`tolist()`) beats a kernel and its
-# `.item()`: for norms (`math.hypot`) and for finiteness alike.
-_BY_LIST_UNTIL = 64
+def norm_summary(t: torch.Tensor, norm: float | None, note: str = "") -> TensorSummary:
+    """A summary known only by its norm."""
+    return TensorSummary(shape_of(t), dtype_name(t.dtype), numel_of(t), norm, note=note)
 
 
-def small_norm(t: torch.Tensor) -> float | None:
-    """The norm of a small dense CPU float tensor from its numbers, in double precision
-    (one `tolist()` costs less than a norm kernel and its `.item()`); None for any other
-    tensor, or when a number is not finite (the kernel then says NaN or Inf as torch does).
-    """
-    if (
-        t.numel() > _BY_LIST_UNTIL
-        or not t.is_cpu
-        or t.dtype not in _CPU_NORM_DTYPES
-        or t.layout != torch.strided
-    ):
+def exact_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def differences(afters: Sequence[torch.Tensor], befores: Sequence[torch.Tensor]) -> list[Any]:
+    """`after - before` for each pair of plain tensors, in one batched op."""
+    if not afters:
+        return []
+    return list(torch._foreach_sub([a.detach() for a in afters], [b.detach() for b in befores]))
+
+
+# --- norms ----------------------------------------------------------------------------------
+
+
+def norms(tensors: Sequence[torch.Tensor | None]) -> list[float | None]:
+    """Euclidean norms, summed in float64, with one host sync per device; None where a
+    tensor is None (its values could not be read)."""
+    out: list[float | None] = [None] * len(tensors)
+    pending: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for i, v in enumerate(tensors):
+        if v is None:
+            continue
+        if v.numel() == 0:
+            out[i] = 0.0
+            continue
+        if v.is_cpu and v.numel() <= _BY_LIST_UNTIL and v.layout == torch.strided:
+            out[i] = _norm_of_numbers(flat_list(v.tolist()))
+            continue
+        flat = _flat_real(v)
+        pending.setdefault(flat.device, []).append((i, flat, _squares(flat)))
+    for items in pending.values():
+        if len(items) == 1:
+            sums = [float(items[0][2])]
+        else:
+            sums = torch.stack([s for _, _, s in items]).tolist()
+        for (i, flat, _), total in zip(items, sums):
+            out[i] = _checked(flat, total)
+    return out
+
+
+def _norm_of_numbers(numbers: list[Any]) -> float:
+    """Norm of `tolist()` numbers, NaN and Inf as torch says them (NaN wins)."""
+    values = [abs(v) for v in numbers]
+    if any(v != v for v in values):
+        return math.nan
+    return math.hypot(*values)
+
+
+def _flat_real(v: torch.Tensor) -> torch.Tensor:
+    flat = v.reshape(-1)
+    if flat.is_complex():
+        flat = flat.abs()
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    return flat
+
+
+def _squares(flat: torch.Tensor) -> torch.Tensor:
+    """The sum of squares as a 0-dim float64 tensor: float32 within blocks, float64 across."""
+    n = flat.numel()
+    full = n - n % _ROW
+    total = None
+    if full:
+        rows = torch.linalg.vector_norm(flat[:full].view(-1, _ROW), dim=1).double()
+        total = rows.square().sum()
+    if n > full:
+        rest = torch.linalg.vector_norm(flat[full:]).double().square()
+        total = rest if total is None else total + rest
+    return total  # type: ignore[return-value]
+
+
+def _checked(flat: torch.Tensor, total: float) -> float:
+    """The norm from a sum of squares, taken again in float64 where float32 squares may
+    have underflowed (tiny gradients) or overflowed (finite values above 1e19)."""
+    norm = math.sqrt(total) if total >= 0 else math.nan
+    if norm == 0.0:
+        if bool(flat.any()):
+            norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+    elif norm < 1e-18 or (math.isinf(norm) and not bool(torch.isinf(flat).any())):
+        norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+    return norm
+
+
+# --- comparing values -----------------------------------------------------------------------
+
+
+def same(a: Any, b: Any) -> bool | None:
+    """Whether two readings hold the same content; None when that cannot be told
+    (values that were not read)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype or a.layout != b.layout:
+            return False
+        if a.layout != torch.strided:
+            a, b = a.to_dense(), b.to_dense()
+        if a.is_floating_point() or a.is_complex():
+            return bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return bool(torch.equal(a, b))
+    if isinstance(a, TensorSummary) and isinstance(b, TensorSummary):
+        if a.norm is None or b.norm is None:
+            return None
+        if a.shape != b.shape:
+            return False
+        return a.norm == b.norm or (math.isnan(a.norm) and math.isnan(b.norm))
+    return False
+
+
+def is_zero(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        v, _ = computable(value)
+        return v is not None and v.numel() > 0 and not bool(v.any())
+    if isinstance(value, TensorSummary):
+        return value.is_zero
+    return False
+
+
+def is_empty(value: Any) -> bool:
+    """No gradient to add to: None, or all zeros."""
+    return value is None or is_zero(value)
+
+
+def nonfinite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        v, _ = computable(value)
+        return v is not None and v.numel() > 0 and not bool(torch.isfinite(v).all())
+    if isinstance(value, TensorSummary):
+        return value.nonfinite
+    return False
+
+
+def norm_of(value: Any) -> float | None:
+    """The norm of a reading: a copy's from its numbers, a summary's as recorded."""
+    if isinstance(value, TensorSummary):
+        return value.norm
+    if isinstance(value, torch.Tensor):
+        v, _ = computable(value)
+        return norms([v])[0] if v is not None else None
+    return None
+
+
+def scale_factor(before: Any, after: Any) -> float | None:
+    """c when `after == c * before` for exact copies (to float32 rounding); the ratio of
+    norms for summaries, which only says how much the norm changed."""
+    if isinstance(before, TensorSummary) and isinstance(after, TensorSummary):
+        if before.norm and after.norm is not None and math.isfinite(before.norm):
+            return after.norm / before.norm
         return None
-    numbers = flat_list(t.tolist())  # records nothing, even under create_graph
-    return math.hypot(*numbers) if finite_numbers(numbers) else None
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        return None
+    if before.shape != after.shape or before.layout != torch.strided or before.is_complex():
+        return None
+    b, a = before.double().reshape(-1), after.double().reshape(-1)
+    if not bool(torch.isfinite(b).all()) or not bool(torch.isfinite(a).all()):
+        return None
+    mask = b != 0
+    if not bool(mask.any()) or bool((a[~mask] != 0).any()):
+        return None
+    c = float((a[mask] / b[mask]).median())
+    tolerance = 1e-6 * float(a.abs().max()) + 1e-30
+    return c if float((a - c * b).abs().max()) <= tolerance else None
 
 
-def _cpu_norm(t: torch.Tensor) -> float:
-    if t.numel() <= _BY_LIST_UNTIL:
-        norm = small_norm(t)
-        if norm is not None:
-            return norm
-    if t.numel() >= _DOT_FROM and t.is_contiguous():
-        flat = t.view(-1)
-        return math.sqrt(float(torch.dot(flat, flat)))
-    return float(torch.linalg.vector_norm(t))
+# --- full statistics ------------------------------------------------------------------------
 
 
 def summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
-    """Full statistics for many tensors, reading each about four times.
-
-    Norms are batched with `torch._foreach_norm`; then per tensor `sum`, `std`,
-    `aminmax` and `count_nonzero`, which allocate nothing, and one `.tolist()`
-    per device and dtype. (Not the std from sum and norm: that cancels when the
-    mean is much larger than the spread.) A tensor holding NaN or Inf takes the
-    masked path, which also counts them.
-    """
-    if not tensors:
-        return []
+    """Full statistics of many tensors: norm, mean, std, range, NaN/Inf counts and the
+    share of zeros, with one host sync per device (NaN/Inf take a masked second pass)."""
     rows: list[TensorSummary | None] = [None] * len(tensors)
-    todo: dict[tuple[torch.device, torch.dtype], list[tuple[int, torch.Tensor]]] = {}
-    with torch.no_grad():
-        for i, t in enumerate(tensors):
-            v = _statistics_view(t)
-            shape, dtype = tuple(t.shape), dtype_name(t.dtype)
-            if v is None:
-                rows[i] = TensorSummary(shape, dtype, t.numel(), math.nan, note="meta: no values")
-            elif v.numel() == 0:
-                rows[i] = TensorSummary(shape, dtype, 0, 0.0, note="empty")
-            else:
-                todo.setdefault((v.device, v.dtype), []).append((i, v))
-        nonfinite: list[tuple[int, torch.Tensor]] = []
-        for items in todo.values():
-            norms = torch._foreach_norm([v for _, v in items])
-            per = []
-            for (_, v), norm in zip(items, norms):
-                lo, hi = torch.aminmax(v)
-                std = v.std() if v.numel() > 1 else torch.zeros((), dtype=v.dtype, device=v.device)
-                nonzero = torch.count_nonzero(v).to(v.dtype)
-                per.append(torch.stack([norm, v.sum(), std, lo, hi, nonzero]).double())
-            table = torch.stack(per).tolist()
-            for (i, v), (nrm, total, std, lo, hi, nonzero) in zip(items, table):
-                if not all(map(math.isfinite, (nrm, total, lo, hi))):
-                    nonfinite.append((i, v))
-                    continue
-                t, n = tensors[i], v.numel()
-                rows[i] = TensorSummary(
-                    tuple(t.shape),
-                    dtype_name(t.dtype),
-                    t.numel(),
-                    nrm,
-                    total / n,
-                    std,
-                    lo,
-                    hi,
-                    0,
-                    0,
-                    (n - nonzero) / n,
-                    note="sparse" if t.is_sparse else "",
-                )
-    masked = _masked_summaries([(tensors[i], v) for i, v in nonfinite])
-    for (i, _), row in zip(nonfinite, masked):
-        rows[i] = row
+    todo: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for i, t in enumerate(tensors):
+        v, note = computable(t)
+        if v is None:
+            rows[i] = norm_summary(t, None, note)
+        elif v.numel() == 0:
+            rows[i] = norm_summary(t, 0.0, note or "empty")
+        else:
+            flat = _flat_real(v)
+            lo, hi = torch.aminmax(flat)
+            std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
+            nonzero = torch.count_nonzero(flat).to(flat.dtype)
+            parts = [x.double() for x in (flat.sum(), std, lo, hi, nonzero)]
+            stack = torch.stack([_squares(flat), *parts])
+            todo.setdefault(flat.device, []).append((i, flat, stack))
+    for items in todo.values():
+        table = torch.stack([s for _, _, s in items]).tolist()
+        for (i, flat, _), (squares, total, std, lo, hi, nonzero) in zip(items, table):
+            t, n = tensors[i], flat.numel()
+            note = computable(t)[1]
+            if not all(map(math.isfinite, (squares, total, lo, hi))):
+                rows[i] = _masked_summary(t, flat, note)
+                continue
+            rows[i] = TensorSummary(
+                shape_of(t),
+                dtype_name(t.dtype),
+                numel_of(t),
+                _checked(flat, squares),
+                mean=total / n,
+                std=std,
+                min=lo,
+                max=hi,
+                nan=0,
+                inf=0,
+                zero_fraction=(n - nonzero) / n,
+                note=note,
+            )
     return rows  # type: ignore[return-value]
 
 
-def _masked_summaries(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[TensorSummary]:
-    """Statistics of (tensor, statistics view) pairs holding NaN or Inf: counts them,
-    and leaves them out of the rest."""
-    rows: list[TensorSummary | None] = [None] * len(pairs)
-    stacks: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-    with torch.no_grad():
-        for i, (_, v) in enumerate(pairs):
-            finite = torch.isfinite(v)
-            nan = torch.isnan(v).sum()
-            inf = (~finite).sum() - nan
-            clean = torch.where(finite, v, torch.zeros((), dtype=v.dtype, device=v.device))
-            stats = torch.stack(
-                [
-                    torch.linalg.vector_norm(v),
-                    clean.mean(),
-                    clean.std() if v.numel() > 1 else torch.zeros((), device=v.device),
-                    torch.where(finite, v, v.new_tensor(math.inf)).min(),
-                    torch.where(finite, v, v.new_tensor(-math.inf)).max(),
-                    nan.to(v.dtype),
-                    inf.to(v.dtype),
-                    (v == 0).sum().to(v.dtype) / v.numel(),
-                ]
-            ).double()
-            stacks.setdefault(v.device, []).append((i, stats))
-        for items in stacks.values():
-            table = torch.stack([s for _, s in items]).tolist()
-            for (i, _), (nrm, mean, std, lo, hi, nan, inf, zeros) in zip(items, table):
-                t = pairs[i][0]
-                rows[i] = TensorSummary(
-                    tuple(t.shape),
-                    dtype_name(t.dtype),
-                    t.numel(),
-                    nrm,
-                    mean,
-                    std,
-                    lo,
-                    hi,
-                    int(nan),
-                    int(inf),
-                    zeros,
-                    note="sparse" if t.is_sparse else "",
-                )
-    return rows  # type: ignore[return-value]
+def _masked_summary(t: torch.Tensor, flat: torch.Tensor, note: str) -> TensorSummary:
+    """Statistics of a tensor holding NaN or Inf: counts them, leaves them out of the rest."""
+    finite = torch.isfinite(flat)
+    nan = int(torch.isnan(flat).sum())
+    inf = int((~finite).sum()) - nan
+    clean = flat[finite]
+    n = flat.numel()
+    stats = [float(clean.mean()), float(clean.std()) if clean.numel() > 1 else 0.0]
+    lo_hi = [float(clean.min()), float(clean.max())] if clean.numel() else [math.nan] * 2
+    zeros = int((flat == 0).sum()) / n
+    norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+    mean, std = stats if clean.numel() else (math.nan, math.nan)
+    return TensorSummary(
+        shape_of(t),
+        dtype_name(t.dtype),
+        numel_of(t),
+        norm,
+        mean=mean,
+        std=std,
+        min=lo_hi[0],
+        max=lo_hi[1],
+        nan=nan,
+        inf=inf,
+        zero_fraction=zeros,
+        note=note,
+    )
+
+
+# --- numbers --------------------------------------------------------------------------------
 
 
 def flat_list(values: Any) -> list[Any]:
@@ -319,38 +432,6 @@ def finite_numbers(numbers: list[Any]) -> bool:
     )
 
 
-def all_finite(tensors: Sequence[torch.Tensor]) -> list[bool]:
-    """Whether each tensor holds only finite numbers (meta and empty ones do). Small CPU
-    tensors are read as numbers; the rest take `norms` (one host sync per device)."""
-    out: list[bool] = [True] * len(tensors)
-    large: list[int] = []
-    for i, t in enumerate(tensors):
-        if t.is_meta:
-            continue
-        if t.is_cpu and t.numel() <= _BY_LIST_UNTIL and t.layout == torch.strided:
-            out[i] = finite_numbers(flat_list(t.tolist()))  # tolist() records nothing
-        else:
-            large.append(i)
-    for i, norm in zip(large, norms([tensors[i] for i in large])):
-        # A non-finite norm can be overflow of finite values: only then look closer.
-        out[i] = math.isfinite(norm) or not has_nonfinite(tensors[i])
-    return out
-
-
-def has_nonfinite(t: torch.Tensor) -> bool:
-    v = _statistics_view(t)
-    if v is None or v.numel() == 0:
-        return False
-    return not bool(torch.isfinite(v).all())
-
-
-def is_all_zero(t: torch.Tensor) -> bool:
-    v = _statistics_view(t)
-    if v is None:
-        return False
-    return not bool(v.any())
-
-
 @functools.cache
 def dtype_name(dtype: torch.dtype) -> str:
     """`torch.float32` -> `float32`."""
@@ -359,7 +440,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def device_name(t: torch.Tensor) -> str:
     """`cpu`, `cuda:0`, `meta`: where a tensor lives."""
-    return "cpu" if t.is_cpu else str(t.device)
+    try:
+        return "cpu" if t.is_cpu else str(t.device)
+    except Exception:  # noqa: BLE001 - a subclass without a device
+        return "?"
 
 
 def format_value(value: object) -> str:
@@ -367,8 +451,11 @@ def format_value(value: object) -> str:
     if value is None:
         return "None"
     if isinstance(value, torch.Tensor):
-        if value.device.type == "meta":
-            return f"meta tensor {tuple(value.shape)}"
-        text = repr(value.cpu() if value.device.type != "cpu" else value)
+        try:
+            if value.device.type == "meta":
+                return f"meta tensor {tuple(value.shape)}"
+            text = repr(value.cpu() if value.device.type != "cpu" else value)
+        except Exception:  # noqa: BLE001 - a subclass whose repr fails: say what it is
+            return f"<{type(value).__name__} {shape_of(value)} {dtype_name(value.dtype)}>"
         return " ".join(text.split())
     return str(value)

@@ -293,5 +293,4 @@ def test_small_norms_from_numbers_match_torch_and_its_nan_and_inf():
         else:
             assert got == pytest.approx(expected, rel=1e-6)
     assert stats.norms([torch.tensor([3.0, 4.0])]) == [5.0]
-    assert stats.small_norm(torch.tensor([float("nan")])) is None
-    assert stats.small_norm(torch.ones(65)) is None
+    assert stats.norms([None]) == [None]  # values that could not be read

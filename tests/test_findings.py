@@ -232,7 +232,19 @@ def test_sgd_step_shows_values_before_and_after(ip):
     assert torch.allclose(row["change"], torch.tensor([-0.1, -0.1]))
     text = repr(rep)
     assert "optimizer step: opt = SGD(lr=0.001) · 1 step" in text
-    assert "tensor([1., 2.])  tensor([0.9000, 1.9000])" in text
+    [line] = [line for line in text.splitlines() if line.strip().startswith("x ")][-1:]
+    assert line.split() == [
+        "x",
+        "(2,)",
+        "tensor([100.,",
+        "100.])",
+        "tensor([1.,",
+        "2.])",
+        "tensor([0.9000,",
+        "1.9000])",
+        "tensor([-0.1000,",
+        "-0.1000])",
+    ]
     html = rep._repr_html_()
     assert 'class="gradmagic-steps"' in html and "tensor([0.9000, 1.9000])" in html
     assert _serious(rep) == []
@@ -243,9 +255,7 @@ def test_sgd_step_shows_values_before_and_after(ip):
     assert not optimizer._global_optimizer_post_hooks
 
 
-def test_a_step_is_measured_when_the_report_is_built_unless_the_parameter_moved_since():
-    from gradmagic.probes import CHANGED_SINCE
-
+def test_a_step_table_holds_the_parameters_as_the_block_ended_not_as_they_are_later():
     def block(w: torch.Tensor, big: torch.Tensor) -> object:
         opt = torch.optim.SGD([w, big], lr=0.5)
         with gradmagic.watch({"w": w, "big": big, "opt": opt}) as rec:
@@ -257,23 +267,31 @@ def test_a_step_is_measured_when_the_report_is_built_unless_the_parameter_moved_
     w = torch.tensor([1.0, 2.0], requires_grad=True)
     big = torch.ones(100, requires_grad=True)  # large: within the copy budget, by norms
     rec = block(w, big)
-    # Nothing is measured while training goes on without a report ...
-    assert [p.after for p in rec.optimizer_steps[0].params] == [None, None]
     with torch.no_grad():
-        big.add_(1.0)  # ... and `big` moves again after the block
+        big.add_(1.0)  # `big` moves again after the block: the report must not see it
+        w.data.mul_(10)  # nor a write that bumps no version
     rep = rec.report()
     step_w, step_big = rep.steps[0].params
-    assert torch.equal(step_w.after, torch.tensor([-0.5, 0.5]))
+    assert torch.equal(step_w.after, torch.tensor([-0.5, 0.5]))  # w - 0.5 * 3
     assert torch.equal(step_w.change, torch.tensor([-1.5, -1.5]))
-    assert step_big.after == CHANGED_SINCE and step_big.change is None
-    assert step_big.before.norm == pytest.approx(10.0)  # ‖ones(100)‖ before the step
-    assert CHANGED_SINCE in repr(rep)
-    # Untouched until the report: exact norms after, before and of the change.
-    big2 = torch.ones(100, requires_grad=True)
-    _, step_big2 = (
-        block(torch.tensor([1.0, 2.0], requires_grad=True), big2).report().steps[0].params
-    )
-    assert step_big2.after.norm == pytest.approx(0.0) and step_big2.change == pytest.approx(10.0)
+    # big - 0.5 * 2 = 0 everywhere: norm 0 after, 10 before, and it moved by ‖-1‖·√100.
+    assert step_big.after.norm == 0.0
+    assert step_big.before.norm == pytest.approx(10.0)
+    assert step_big.change == pytest.approx(10.0)
+    assert not step_w.moved_after_step and not step_big.moved_after_step
+
+
+def test_a_write_to_a_parameter_after_its_step_is_said():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.5)
+    with gradmagic.watch({"w": w, "opt": opt}) as rec:
+        (3 * w).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            w.clamp_(min=0.0)  # weight clipping, as a WGAN critic does
+    [step] = rec.report().steps[0].params
+    assert torch.equal(step.after, torch.tensor([0.0, 0.5]))  # as the block ended
+    assert step.moved_after_step
 
 
 def test_large_parameters_step_as_summaries_and_no_tensor_is_kept(ip):
@@ -335,7 +353,7 @@ def test_warning_probe_leaves_filters_and_showwarning_alone(ip):
             y.sum().backward()
             assert y.grad is None
     assert seen == [] and warnings._showwarnmsg is before
-    assert rec.nonleaf_grad_reads == []  # ignored by the user's filter: not seen
+    assert rec.block.nonleaf_grad_reads == []  # ignored by the user's filter: not seen
 
 
 def test_second_backward_through_a_freed_graph(ip):

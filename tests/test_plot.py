@@ -7,6 +7,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import pytest
 import torch
 
 DEEP = (
@@ -21,22 +22,23 @@ def _svg(html: str) -> str:
     return svg
 
 
-def test_chart_is_on_from_eight_leaves_with_mean_and_max_per_leaf(ip):
+def test_chart_is_on_from_eight_leaves_with_rms_and_max_per_leaf(ip):
     ip.run(DEEP)
     ip.run("%%grad -q -o rep\nmodel(x).pow(2).mean().backward()\n")
     rep, model = ip.ns["rep"], ip.ns["model"]
     names = [f"model.{i}.{kind}" for i in range(5) for kind in ("weight", "bias")]
     assert [p.name for p in rep.flow.points] == names
     for point, param in zip(rep.flow.points, model.parameters()):
-        g = param.grad.abs()
-        assert abs(point.mean_abs - g.mean().item()) < 1e-7 * max(1.0, g.mean().item())
-        assert point.max_abs == g.max().item()
+        g = param.grad.double()
+        rms = g.norm().item() / g.numel() ** 0.5
+        assert abs(point.rms - rms) < 1e-6 * rms
+        assert point.max_abs == g.abs().max().item()
         assert point.mark == ""
     svg = _svg(rep._repr_html_())
     ET.fromstring(svg)  # well-formed, inline, no script
     assert "<script" not in svg
-    assert "mean |grad|" in svg and "max |grad|" in svg and "model.4.bias" in svg
-    assert re.search(r"gradient flow: max \|grad\| from \S+ \(model\.\d\.\w+\) to", repr(rep))
+    assert "RMS" in svg and "max |grad|" in svg and "model.4.bias" in svg
+    assert re.search(r"gradient flow: RMS \|grad\| from \S+ \(model\.\d\.\w+\) to", repr(rep))
 
 
 def test_small_reports_have_no_chart_unless_asked(ip):
@@ -46,7 +48,7 @@ def test_small_reports_have_no_chart_unless_asked(ip):
     assert "gradmagic-flow" not in ip.ns["rep"]._repr_html_()
     ip.run("%%grad -q -o rep --plot\n(w * 3).sum().backward()\n")
     [point] = ip.ns["rep"].flow.points
-    assert (point.mean_abs, point.max_abs) == (6.0, 6.0)  # accumulated: 3 + 3
+    assert point.rms == pytest.approx(6.0) and point.max_abs == 6.0  # accumulated: 3 + 3
     ip.run(DEEP)
     ip.run("%%grad -q -o rep --no-plot\nmodel(x).sum().backward()\n")
     assert ip.ns["rep"].flow is None

@@ -170,7 +170,7 @@ def test_ten_thousand_parameter_tensors_stay_bounded():
     html = rep._repr_html_()
     elapsed = time.perf_counter() - start
     assert len(rep.table) == 10_000
-    assert html.count("<tr id=") == report.MAX_SHOWN_ROWS
+    assert html.count("<tr id=") == report.model.MAX_SHOWN_ROWS
     assert "9,800 more rows not shown" in html
     assert elapsed < 60, elapsed
 

@@ -1,10 +1,5 @@
-"""The autograd graph of a backward, as plain data and as a graphviz drawing.
-
-`snapshot()` walks `grad_fn.next_functions` before the engine runs and keeps
-names, shapes and sequence numbers only; `FlowRecorder` adds what flowed along
-each edge; `ModuleSpans` tells which module call created each op; `to_digraph()`
-draws it, collapsing modules and folding long stretches to stay within a node
-budget. `graph()` does all of it in one call, for any tensor::
+"""The autograd graph of a backward: plain data (`data.py`) and its graphviz drawing
+(`draw.py`). `graph()` draws the graph behind any tensor::
 
     >>> y = (w * x).sum()
     >>> gradmagic.graph(y, {"w": w, "x": x})        # a graphviz.Digraph
@@ -12,21 +7,33 @@ budget. `graph()` does all of it in one call, for any tensor::
 Nothing here imports graphviz, IPython or pandas until a drawing is asked for.
 """
 
-from .draw import graph, to_digraph
-from .flow import FLOW_ELEMENTS, FlowRecorder
-from .modules import ModuleSpans
-from .snapshot import Edge, GraphNode, GraphSnapshot, LiveNodes, ModuleCall, snapshot
+from __future__ import annotations
+
+from typing import Any
+
+from .data import Edge, GraphNode, GraphSnapshot, ModuleCall
+from .snapshot import snapshot  # the function: it replaces the submodule's name here
 
 __all__ = [
-    "FLOW_ELEMENTS",
     "Edge",
-    "FlowRecorder",
     "GraphNode",
     "GraphSnapshot",
-    "LiveNodes",
     "ModuleCall",
     "ModuleSpans",
     "graph",
     "snapshot",
     "to_digraph",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The drawing loads on first use: capture imports the data and the walk alone.
+    if name in ("graph", "to_digraph"):
+        from . import draw
+
+        return getattr(draw, name)
+    if name == "ModuleSpans":
+        from ..capture.modules import ModuleSpans
+
+        return ModuleSpans
+    raise AttributeError(name)

@@ -9,16 +9,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .modules import ModuleSpans, _chain
-from .snapshot import (
-    _MAX_SAVED_LINES,
-    Edge,
-    GraphNode,
-    GraphSnapshot,
-    _gc_paused,
-    _start_node,
-    snapshot,
-)
+from ..capture.modules import ModuleSpans
+from .data import Edge, GraphNode, GraphSnapshot, flow_text
+from .snapshot import gc_paused, snapshot, start_node
+
+_MAX_SAVED_LINES = 4  # saved values shown per op; the rest is counted
 
 if TYPE_CHECKING:
     import graphviz
@@ -102,7 +97,7 @@ def _homes(snap: GraphSnapshot, texts: Mapping[int, str]) -> list[int | None]:
             calls = calls_named.get(".".join(parts[:k]))
             if calls:
                 # Of several calls of that module, the one its consumers ran in.
-                inside = [c for c in calls if c in _chain(snap, homes[nid])]
+                inside = [c for c in calls if c in snap.chain(homes[nid])]
                 homes[nid] = inside[0] if inside else calls[0]
                 break
     return homes
@@ -115,7 +110,7 @@ def _module_keys(
     plain = [f"n{n.id}" for n in snap.nodes]
     if not snap.modules or (depth is None and len(plain) <= max_nodes):
         return plain
-    chains = [_chain(snap, c) for c in range(len(snap.modules))]
+    chains = [snap.chain(c) for c in range(len(snap.modules))]
 
     def keys_at(d: int) -> list[str]:
         return [
@@ -204,6 +199,16 @@ class _Drawing:
     ) -> None:
         self.snap, self.texts, self.status = snap, texts, status
         self.used: set[str] = set()
+        self.flow = snap.edge_flow  # the edges that alone feed their input
+        fan_in: dict[tuple[int, int], int] = {}
+        for e in snap.edges:
+            fan_in[(e.src, e.port)] = fan_in.get((e.src, e.port), 0) + 1
+        # Where several edges meet, only their sum is known: it labels the node.
+        self.summed: dict[int, list[str]] = {}
+        for (nid, port), count in fan_in.items():
+            value = snap.flow_in.get((nid, port))
+            if count > 1 and value is not None:
+                self.summed.setdefault(nid, []).append(f"Σ in: {flow_text(value)}")
 
     def style(self, *kinds: str) -> dict[str, str]:
         attrs: dict[str, str] = {}
@@ -230,6 +235,7 @@ class _Drawing:
                 saved = saved[: _MAX_SAVED_LINES - 1] + [f"+{more} more saved"]
             lines += [n.op, *saved]
             attrs = self.style("root" if n.is_root else "op")
+        lines += self.summed.get(n.id, [])
         if n.is_input:
             lines.append("(inputs=)")
             self.used.add("input")
@@ -259,7 +265,7 @@ class _Drawing:
     def edge_label(self, edges: list[Edge], plain: bool) -> str:
         if len(edges) == 1:
             e = edges[0]
-            flow = self.snap.edge_flow.get((e.src, e.dst, e.slot)) if plain else None
+            flow = self.flow.get((e.src, e.dst, e.slot)) if plain else None
             return _label([e.shape, flow or ""])
         shapes = {e.shape for e in edges}
         return _label(
@@ -298,7 +304,7 @@ def to_digraph(
 
     if max_nodes < 1:
         raise ValueError(f"max_nodes must be at least 1, not {max_nodes}.")
-    with _gc_paused():
+    with gc_paused():
         texts = _leaf_texts(snap, leaf_names)
         keys = _module_keys(snap, _homes(snap, texts), max_nodes, depth)
         keys = _fold(snap, keys, max_nodes)
@@ -380,7 +386,7 @@ def graph(
         roots, root_names = list(tensors), [None] * len(tensors)
     by_id, module_names = _named_objects(names)
     root_names = [r or by_id.get(id(t)) for r, t in zip(root_names, roots)]
-    if not any(_start_node(t) is not None for t in roots):
+    if not any(start_node(t) is not None for t in roots):
         raise ValueError(
             "graph() needs a tensor with a grad_fn or requires_grad=True; these were computed "
             "without autograd (under torch.no_grad(), or from tensors that do not require grad)."

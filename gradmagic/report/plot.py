@@ -1,9 +1,10 @@
-"""The gradient-flow chart: mean and max |grad| per leaf, in model order, log scale.
+"""The gradient-flow chart: RMS and max |grad| per leaf, in model order, log scale.
 
-Drawn with `matplotlib.figure.Figure` and the SVG canvas directly, never
-pyplot, so the user's figures and backend are untouched; the SVG is inlined
-in the static HTML report. Leaves without a gradient and leaves with NaN/Inf
-are marked instead of drawn.
+Drawn from the values the block recorded (never from live tensors), with
+`matplotlib.figure.Figure` and the SVG canvas directly, never pyplot, so the
+user's figures and backend are untouched; the SVG is inlined in the static HTML
+report. Leaves without a gradient and leaves with NaN/Inf are marked instead of
+drawn.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from typing import Any
 
 import torch
 
-from . import stats
+from .. import stats
+from ..findings._base import used_value
+from ..records import BlockRecord, rows
 
 # Reports with at least this many leaves get the chart unless told otherwise.
 AUTO_PLOT_LEAVES = 8
 MAX_LABELS = 60
 MAX_BARS = 240  # more leaves share bars: thousands of bars take matplotlib a minute
 MAX_LABEL_CHARS = 40
-COLOURS = {"max": "#93c5fd", "mean": "#1d4ed8", "none": "#6b7280", "nan/inf": "#dc2626"}
+COLOURS = {"max": "#93c5fd", "rms": "#1d4ed8", "none": "#6b7280", "nan/inf": "#dc2626"}
 # (mark, where on the log axis, marker, legend), from mildest to worst.
 MARKS = (
     ("zero", "low", "o", "all zero"),
@@ -33,10 +36,10 @@ MARKS = (
 
 @dataclass(frozen=True)
 class FlowPoint:
-    """One leaf on the chart; `mean_abs`/`max_abs` are None where there is nothing to draw."""
+    """One leaf on the chart; `rms`/`max_abs` are None where there is nothing to draw."""
 
     name: str
-    mean_abs: float | None
+    rms: float | None  # ‖g‖ / √n
     max_abs: float | None
     mark: str = ""  # "none", "nan/inf", "zero" or ""
 
@@ -57,13 +60,13 @@ class GradientFlow:
 
     def summary(self) -> str:
         """The chart in one line of text, for terminals."""
-        drawn = [p for p in self.points if p.max_abs]
+        drawn = [p for p in self.points if p.rms]
         parts = []
         if drawn:
-            low = min(drawn, key=lambda p: p.max_abs or 0.0)
-            high = max(drawn, key=lambda p: p.max_abs or 0.0)
+            low = min(drawn, key=lambda p: p.rms or 0.0)
+            high = max(drawn, key=lambda p: p.rms or 0.0)
             parts.append(
-                f"max |grad| from {low.max_abs:.2g} ({low.name}) to {high.max_abs:.2g} ({high.name})"
+                f"RMS |grad| from {low.rms:.2g} ({low.name}) to {high.rms:.2g} ({high.name})"
             )
         for mark in ("none", "nan/inf", "zero"):
             count = sum(p.mark == mark for p in self.points)
@@ -72,61 +75,48 @@ class GradientFlow:
         return "gradient flow: " + "; ".join(parts)
 
 
-def gradient_flow(recorder: Any) -> GradientFlow | None:
-    """The chart's data for a closed recorder, or None when the chart is off.
-
-    Read right after the block: gradients still in `.grad` give exact
-    mean |grad|; for one changed since, only its summary's max is drawn.
-    """
-    rows = recorder.rows()
-    wanted = recorder.options.plot
-    if wanted is False or (wanted is None and len(rows) < AUTO_PLOT_LEAVES) or not rows:
+def gradient_flow(block: BlockRecord) -> GradientFlow | None:
+    """The chart's data, from each row's gradient as put to use, or None when the chart is off."""
+    shown = rows(block)
+    wanted = block.options.plot
+    if wanted is False or (wanted is None and len(shown) < AUTO_PLOT_LEAVES) or not shown:
         return None
-    measured: list[tuple[int, torch.Tensor]] = []
-    points: list[FlowPoint | None] = []
-    for r in rows:
-        value = r.after
-        grad = r.after_ref() if r.after_ref is not None else None
+    points = []
+    for r in shown:
+        value = used_value(r) if r.backwards else None
         if value is None:
             points.append(FlowPoint(r.name, None, None, "none"))
-        elif r.status == "nan/inf":
+        elif stats.nonfinite(value):
             points.append(FlowPoint(r.name, None, None, "nan/inf"))
-        elif isinstance(value, torch.Tensor):
-            measured.append((len(points), value))
-            points.append(None)
-        elif grad is not None and grad._version == r.after_version:
-            measured.append((len(points), grad))
-            points.append(None)
         else:
-            top = max(abs(value.min), abs(value.max)) if value.min is not None else None
-            points.append(FlowPoint(r.name, None, top, "zero" if value.is_zero else ""))
-    for (i, _), (mean, top) in zip(measured, magnitudes([t for _, t in measured])):
-        mark = "zero" if top == 0 else ("nan/inf" if not math.isfinite(top) else "")
-        points[i] = FlowPoint(rows[i].name, mean, top, mark)
-    options = recorder.options
-    return GradientFlow([p for p in points if p is not None], options.vanish, options.explode)
+            rms, top = _magnitudes(value)
+            mark = "zero" if rms == 0 else ("" if rms is not None else "none")
+            points.append(FlowPoint(r.name, rms or None, top or None, mark))
+    options = block.options
+    return GradientFlow(points, options.vanish, options.explode)
 
 
-def magnitudes(tensors: list[torch.Tensor]) -> list[tuple[float, float]]:
-    """(mean |x|, max |x|) of many tensors, with one host synchronisation per device."""
-    out: list[tuple[float, float]] = [(math.nan, math.nan)] * len(tensors)
-    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
-    with torch.no_grad():
-        for i, t in enumerate(tensors):
-            v = stats._statistics_view(t)
-            if v is None or v.numel() == 0:
-                continue
-            a = v.abs()
-            by_device.setdefault(v.device, []).append((i, torch.stack([a.mean(), a.max()])))
-        for items in by_device.values():
-            values = torch.stack([s.double() for _, s in items]).tolist()
-            for (i, _), (mean, top) in zip(items, values):
-                out[i] = (mean, top)
-    return out
+def _magnitudes(value: Any) -> tuple[float | None, float | None]:
+    """(‖g‖/√n, max |g|) of a recorded value; max is None where only the norm was kept."""
+    if isinstance(value, stats.TensorSummary):
+        if value.norm is None or not value.numel:
+            return None, None
+        top = None
+        if value.min is not None and value.max is not None:
+            top = max(abs(value.min), abs(value.max))
+        return value.norm / math.sqrt(value.numel), top
+    if isinstance(value, torch.Tensor):
+        v, _ = stats.computable(value)
+        if v is None or v.numel() == 0:
+            return None, None
+        (norm,) = stats.norms([v])
+        top = float(v.abs().max()) if v.layout == torch.strided else None
+        return (norm / math.sqrt(v.numel()) if norm is not None else None), top
+    return None, None
 
 
 def flow_svg(points: list[FlowPoint], *, vanish: float, explode: float) -> str:
-    """An inline `<svg>` of the chart: bars of max and mean |grad|, marks for the rest."""
+    """An inline `<svg>` of the chart: bars of max |grad| and RMS, marks for the rest."""
     import matplotlib
     from matplotlib.backends.backend_svg import FigureCanvasSVG
     from matplotlib.figure import Figure
@@ -146,14 +136,15 @@ def flow_svg(points: list[FlowPoint], *, vanish: float, explode: float) -> str:
         left=0.9 / width, right=1 - 0.2 / width, top=1 - 0.6 / height, bottom=names_height / height
     )
     ax = fig.add_subplot()
-    drawn = [(i, p) for i, p in enumerate(points) if p.max_abs and math.isfinite(p.max_abs)]
-    values = [v for _, p in drawn for v in (p.mean_abs, p.max_abs) if v]
+    drawn = [(i, p) for i, p in enumerate(points) if p.rms and math.isfinite(p.rms)]
+    values = [v for _, p in drawn for v in (p.rms, p.max_abs) if v]
     low, high = min(values, default=1e-8) / 10, max(values, default=1.0) * 10
-    for kind, width in (("max", 0.8), ("mean", 0.5)):
-        bars = [(i, getattr(p, f"{kind}_abs")) for i, p in drawn if getattr(p, f"{kind}_abs")]
+    for kind, width, label in (("max_abs", 0.8, "max |grad|"), ("rms", 0.5, "RMS ‖g‖/√n")):
+        bars = [(i, getattr(p, kind)) for i, p in drawn if getattr(p, kind)]
         if bars:
             xs, heights = zip(*bars)
-            ax.bar(xs, heights, width=width, color=COLOURS[kind], label=f"{kind} |grad|")
+            colour = COLOURS["max" if kind == "max_abs" else "rms"]
+            ax.bar(xs, heights, width=width, color=colour, label=label)
     for mark, where, symbol, label in MARKS:
         xs = [i for i, p in enumerate(points) if p.mark == mark]
         if xs:
@@ -173,10 +164,12 @@ def flow_svg(points: list[FlowPoint], *, vanish: float, explode: float) -> str:
     ax.set_ylabel("|grad|")
     grouped = f" ({leaves} leaves, {per_bar} per bar)" if per_bar > 1 else ""
     fig.suptitle(
-        f"gradient flow: mean and max |grad| per leaf{grouped}", x=0.01, ha="left", fontsize=9
+        f"gradient flow: RMS and max |grad| per leaf{grouped}", x=0.01, ha="left", fontsize=9
     )
-    # Above the bars, never over them (and "best" would search every bar: slow).
-    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncols=5, frameon=False)
+    # Above the bars, never over them (and "best" would search every bar: slow). A chart
+    # with nothing drawn has no legend: matplotlib would warn into the user's cell.
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1), ncols=5, frameon=False)
     buffer = io.StringIO()
     # Fixed ids keep the SVG reproducible; the context restores the user's rcParams.
     with matplotlib.rc_context({"svg.hashsalt": "gradmagic", "svg.fonttype": "none"}):
@@ -188,7 +181,7 @@ def flow_svg(points: list[FlowPoint], *, vanish: float, explode: float) -> str:
 def _binned(points: list[FlowPoint], most: int) -> tuple[list[FlowPoint], int]:
     """Neighbouring leaves merged into at most `most` bars, and how many leaves per bar.
 
-    A bar shows the largest max and the mean of the means; its mark is the
+    A bar shows the largest max and the mean of the RMS values; its mark is the
     worst of its leaves' (NaN/Inf, then none, then zero).
     """
     size = math.ceil(len(points) / most)
@@ -198,7 +191,7 @@ def _binned(points: list[FlowPoint], most: int) -> tuple[list[FlowPoint], int]:
     for start in range(0, len(points), size):
         group = points[start : start + size]
         tops = [p.max_abs for p in group if p.max_abs is not None and math.isfinite(p.max_abs)]
-        means = [p.mean_abs for p in group if p.mean_abs is not None]
+        means = [p.rms for p in group if p.rms is not None]
         marks = {p.mark for p in group}
         mark = next((m for m, *_ in MARKS[::-1] if m in marks), "")
         merged.append(

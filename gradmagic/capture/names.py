@@ -8,19 +8,20 @@ locals of the frames that called backward. `fallback_name` covers the rest.
 
 from __future__ import annotations
 
-import ast
 import functools
 import inspect
 import sys
 import types
 from collections.abc import Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._engine import module_tree
-from ._weak import WeakIdMap
+from .. import _engine
+from .._engine import module_tree
+from .._weak import WeakIdMap
+from ..source import parse_source
 
 MAX_CONTAINER_ITEMS = 256
 
@@ -215,31 +216,6 @@ def may_run_user_code(namespace: Mapping[str, Any] | None, source: str | None) -
     return any(_is_user_code(namespace.get(name)) for name in names if _public(name))
 
 
-class ParsedSource(NamedTuple):
-    names: frozenset[str]  # every name the code mentions (`ast.Name`)
-    defines: bool  # whether it defines a function, lambda or class
-
-
-@functools.lru_cache(maxsize=64)
-def parse_source(source: str) -> ParsedSource | None:
-    """What the naming rules read from a block's code; None when it does not parse.
-
-    Kept for the last cells seen: a re-run cell is not parsed again.
-    """
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return None
-    defines = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
-    names, found = set(), False
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            names.add(node.id)
-        elif isinstance(node, defines):
-            found = True
-    return ParsedSource(frozenset(names), found)
-
-
 _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
@@ -258,10 +234,13 @@ class CreatedLeafNames:
     (`may_run_user_code`).
     """
 
-    def __init__(self, on_name: Any = None, enabled: bool = True) -> None:
+    def __init__(
+        self, on_name: Any = None, enabled: bool = True, errors: list[str] | None = None
+    ) -> None:
         # Called as on_name(tensor, name) when a name is found: the tensor may be
         # gone by the time anyone asks (a weight made and used inside a helper).
         self.on_name = on_name
+        self.errors = errors
         self.names = WeakIdMap()
         self._wanted = WeakIdMap()
         self._user_code: dict[Any, bool] = {}
@@ -287,13 +266,18 @@ class CreatedLeafNames:
         local_vars = frame.f_locals
         if local_vars is frame.f_globals:
             return
-        for key, value in local_vars.items():
-            if not isinstance(value, torch.Tensor) or value in self.names:
-                continue
-            if (value.requires_grad and value.grad_fn is None) or value in self._wanted:
-                self.names[value] = key
-                if self.on_name is not None:
-                    self.on_name(value, key)
+        try:
+            for key, value in local_vars.items():
+                if not isinstance(value, torch.Tensor) or value in self.names:
+                    continue
+                # Never `.grad_fn`: it raises for some views, and wraps nodes in Python.
+                if value in self._wanted or _engine.is_named_leaf(value):
+                    self.names[value] = key
+                    if self.on_name is not None:
+                        self.on_name(value, key)
+        except Exception as exc:  # noqa: BLE001 - never into the user's code
+            if self.errors is not None:
+                self.errors.append(f"naming hook: {type(exc).__name__}: {exc}")
 
     def hold(self, key: object) -> None:
         """Keep the hook off until `release(key)`: inside `nn.Module` calls and

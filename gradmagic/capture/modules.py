@@ -1,4 +1,5 @@
-"""`ModuleSpans`: which `nn.Module` call created each op of a graph."""
+"""The block's module hooks: which modules ran (`ModuleCalls`) and which module call
+created each op of a graph (`ModuleSpans`)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .snapshot import GraphSnapshot, ModuleCall, _sequence_counter
-
-# --- modules --------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Span:
-    module: weakref.ref
-    cls: str
-    start: int
-    end: int | None
-    parent: int | None
-
-
-_MAX_SPANS = 200_000
+from .. import _engine
+from ..graph.data import GraphSnapshot, ModuleCall
 
 
 def install_module_hooks(
@@ -43,6 +31,92 @@ def install_module_hooks(
         raise
 
 
+class ModuleCalls:
+    """The block's one pair of global `nn.Module` hooks.
+
+    Notes which modules ran a forward with grad enabled (weakly held), feeds
+    module calls to `spans` (a `ModuleSpans`, when a graph is drawn) and holds the
+    `naming` hook off inside module calls: library code, where it would only cost
+    time. Both hooks return at once under torch.compile tracing (Dynamo never meets
+    their untraceable calls) and on other threads.
+    """
+
+    def __init__(self, naming: Any, spans: ModuleSpans | None, errors: list[str]) -> None:
+        # id(module) -> weak reference, for modules called with grad enabled. An entry
+        # whose module died is simply never matched again.
+        self._called: dict[int, weakref.ref] = {}
+        self._handles: list[Any] = []
+        self._open: list[nn.Module] = []  # calls in progress, outermost first
+        self._spans = spans
+        self._naming = naming
+        self._errors = errors
+        self._thread = threading.get_ident()
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling() or threading.get_ident() != self._thread:
+            return
+        try:
+            if not self._open:
+                self._naming.hold(self)
+            self._open.append(module)
+            if self._spans is not None:
+                self._spans.enter(module)
+        except Exception as exc:  # noqa: BLE001 - never into the user's forward
+            self._errors.append(f"module hook: {type(exc).__name__}: {exc}")
+
+    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling() or threading.get_ident() != self._thread:
+            return
+        try:
+            if torch.is_grad_enabled() and module not in self:
+                self._called[id(module)] = weakref.ref(module)
+            opened = self._open
+            if opened and opened[-1] is module:
+                opened.pop()
+            else:
+                for k in range(len(opened) - 1, -1, -1):
+                    if opened[k] is module:
+                        del opened[k:]  # inner calls that never closed end here too
+                        break
+            if self._spans is not None:
+                self._spans.exit(module)
+            if not opened:
+                self._naming.release(self)
+        except Exception as exc:  # noqa: BLE001
+            self._errors.append(f"module hook: {type(exc).__name__}: {exc}")
+        # None: a forward hook that returns something replaces the output
+
+    def __contains__(self, module: object) -> bool:
+        ref = self._called.get(id(module))
+        return ref is not None and ref() is module
+
+    def __enter__(self) -> ModuleCalls:
+        self._thread = threading.get_ident()
+        self._handles = install_module_hooks(self._enter, self._exit)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._open.clear()
+        if self._spans is not None:
+            self._spans.close()
+        self._naming.release(self)
+
+
+@dataclass(slots=True)
+class _Span:
+    module: weakref.ref
+    cls: str
+    start: int
+    end: int | None
+    parent: int | None
+
+
+_MAX_SPANS = 200_000
+
+
 class ModuleSpans:
     """While active, record which autograd sequence numbers each module call created.
 
@@ -51,19 +125,18 @@ class ModuleSpans:
     >>> snap, _ = snapshot([loss], leaf_key=key)
     >>> spans.assign(snap, module_name=names.get)
 
-    Holds modules through weak references only; the global hooks are removed on exit.
+    Holds modules through weak references only; its own hooks (used when no
+    `ModuleCalls` feeds it) are removed on exit.
     """
 
     def __init__(self) -> None:
         self._spans: list[_Span] = []
         self._open: list[int] = []
         self._handles: list[Any] = []
-        self._counter = _sequence_counter()
+        self._counter = _engine.sequence_counter()
         self._thread = threading.get_ident()
 
     def __enter__(self) -> ModuleSpans:
-        """Record through global module hooks of its own (gradmagic's recorder
-        calls `enter` and `exit` from the hooks it already has)."""
         if self._counter is None:
             return self  # this torch has no sequence counter: nothing is grouped
         self._thread = threading.get_ident()
@@ -71,7 +144,9 @@ class ModuleSpans:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._remove()
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
         self.close()
 
     def close(self) -> None:
@@ -81,21 +156,13 @@ class ModuleSpans:
                 self._spans[i].end = self._counter()
         self._open.clear()
 
-    def _remove(self) -> None:
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
-
     def _pre_hook(self, module: nn.Module, args: Any) -> None:
-        # Under torch.compile tracing the hook does nothing, so Dynamo never meets its
-        # untraceable calls (a graph break and a warning for the user otherwise).
         if not torch.compiler.is_compiling() and threading.get_ident() == self._thread:
             self.enter(module)
 
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if not torch.compiler.is_compiling() and threading.get_ident() == self._thread:
             self.exit(module)
-        # None: a forward hook that returns something replaces the output
 
     def enter(self, module: nn.Module) -> None:
         """A call of `module` starts (on the recording thread, outside compilation).
@@ -215,15 +282,6 @@ def _innermost(spans: list[_Span], seqs: list[int]) -> list[int | None]:
     return owners
 
 
-def _chain(snap: GraphSnapshot, call: int | None) -> list[int]:
-    """Calls from the outermost down to `call`."""
-    chain = []
-    while call is not None:
-        chain.append(call)
-        call = snap.modules[call].parent
-    return chain[::-1]
-
-
 def _assign_leaves_by_consumers(snap: GraphSnapshot) -> None:
     consumers: dict[int, list[int | None]] = {}
     for e in snap.edges:
@@ -232,9 +290,9 @@ def _assign_leaves_by_consumers(snap: GraphSnapshot) -> None:
     for leaf, homes in consumers.items():
         if any(h is None for h in homes):
             continue
-        common = _chain(snap, homes[0])
+        common = snap.chain(homes[0])
         for home in homes[1:]:
-            other = _chain(snap, home)
+            other = snap.chain(home)
             n = 0
             while n < min(len(common), len(other)) and common[n] == other[n]:
                 n += 1

@@ -1,0 +1,335 @@
+"""Closing a block: the last reading of every gradient, names, statuses, history, and the
+`BlockRecord` that findings and the report read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import _engine, stats
+from ..history import RunEntry
+from ..records import BlockRecord, EditEvent, LeafRecord, ModuleFact, OptimizerSteps, ParamStep
+from ..source import grad_reads, names_in
+from .names import Namer, fallback_name, unique
+from .probes import NONLEAF_WARNING
+
+SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign)
+NO_GRAD_ERROR = "does not require grad and does not have a grad_fn"
+
+
+def finish(recorder: Any) -> None:
+    """Write `recorder.block`; drop every transient copy."""
+    _read_at_end(recorder)
+    namespace = recorder.namespace or {}
+    namer = Namer(namespace)
+    _add_expected(recorder, namer)
+    _name_leaves(recorder, namer)
+    _place_leaves(recorder, namer, namespace)
+    run = recorder.history.new_run() if recorder.leaves else recorder.history.cell_runs
+    for rec in recorder.leaves:
+        _settle(recorder, rec)
+    _remember(recorder, run)
+    block = BlockRecord(
+        run=run,
+        source=recorder.source,
+        options=recorder.options,
+        grad_mode=recorder.grad_mode.mode,
+        leaves=recorder.leaves,
+        backwards=recorder.records,
+        steps=_steps(recorder, namer, namespace),
+        events=_events(recorder, namespace),
+        modules=_modules(recorder, namespace),
+        nonleaf_grad_reads=_nonleaf_reads(recorder, namespace),
+        unobserved=[_unobserved(reason, n) for reason, n in recorder.unobserved.items()],
+        internal_errors=recorder.internal_errors,
+    )
+    _name_backwards(recorder, namer)
+    _assign_modules(recorder, namer)
+    recorder.block = block
+
+
+def _unobserved(reason: str, count: int) -> str:
+    calls = "1 call" if count == 1 else f"{count} calls"
+    return (
+        f"{calls} into the autograd engine {reason} {'was' if count == 1 else 'were'} not observed"
+    )
+
+
+def _read_at_end(recorder: Any) -> None:
+    """What every gradient holds as the block ends (one reading for all)."""
+    live = []
+    for track in recorder._tracks.values():
+        leaf = track.record.ref()
+        if leaf is not None and track.seen:
+            live.append((track, leaf))
+        track.base_copy = None
+    values = recorder.read([leaf.grad for _, leaf in live])
+    clock = recorder.tick()
+    for (track, _), value in zip(live, values):
+        track.at_end(value, clock, recorder.edits_since(track.last_clock))
+
+
+def _add_expected(recorder: Any, namer: Namer) -> None:
+    """Leaves that should have got a gradient and did not (status `none`): named in the
+    code or parameters of a module that took part, when a backward succeeded or failed
+    only because nothing in its graph required grad."""
+    backwards = [r for r in recorder.records if r.kind == "backward"]
+    ok = any(r.error is None for r in backwards)
+    cut = backwards and all(r.error is None or NO_GRAD_ERROR in r.error for r in backwards)
+    namespace = recorder.namespace
+    if not namespace or not (ok or cut):
+        return
+    named = names_in(recorder.source)
+    reached = {id(r.ref()) for r in recorder.leaves if r.backwards and r.ref() is not None}
+    candidates: list[torch.Tensor] = []
+    for name in named:
+        value = namespace.get(name)
+        if isinstance(value, torch.Tensor) and _engine.is_named_leaf(value):
+            candidates.append(value)
+    for name, ids in namer.module_parameters().items():
+        if reached.issuperset(ids):
+            continue  # every parameter got its gradient: nothing expected is missing
+        module = namespace.get(name)
+        if not isinstance(module, nn.Module):
+            continue
+        ran_here = name in named and module in recorder.module_calls
+        if ran_here or not reached.isdisjoint(ids):
+            _, params = _engine.module_tree(module)
+            candidates.extend(p for _, p in params if p.requires_grad)
+    for leaf in candidates:
+        if id(leaf) in reached:
+            continue
+        track = recorder.track(leaf)
+        if not track.record.in_graph:  # a graph reached it: `inputs=` left it out
+            track.record.expected = True
+            if not track.seen:
+                (value,) = recorder.read([leaf.grad])
+                track.record.before = track.record.end = value
+
+
+def _name_leaves(recorder: Any, namer: Namer) -> None:
+    created = recorder.created_names
+    for rec in recorder.leaves:
+        leaf = rec.ref()
+        names = namer.names(leaf) if leaf is not None else []
+        local = rec.names[0] if rec.names else (created.get(leaf) if leaf is not None else None)
+        if local and local not in names:
+            names.append(local)
+        rec.names = names
+        rec.name = names[0] if names else fallback_name(rec.key, rec.consumer)
+        position = namer.order(leaf) if leaf is not None else None
+        rec.order = position if position is not None else 1_000_000 + rec.key
+    for rec, name in zip(recorder.leaves, unique(rec.name for rec in recorder.leaves)):
+        rec.name = name
+
+
+def _place_leaves(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> None:
+    """Each leaf's module (`model`), its layer (`model.0`) and its optimizer's variable."""
+    owners: dict[int, str] = {}
+    for name, ids in namer.module_parameters().items():
+        for i in ids:
+            owners.setdefault(i, name)
+    optimizers: dict[int, str] = {}
+    for key, value in list(namespace.items()):
+        if isinstance(value, torch.optim.Optimizer) and not str(key).startswith("_"):
+            for group in value.param_groups:
+                for p in group["params"]:
+                    optimizers.setdefault(id(p), key)
+    for rec in recorder.leaves:
+        leaf = rec.ref()
+        if leaf is None:
+            continue
+        rec.owner = owners.get(id(leaf))
+        if rec.owner:
+            path = next((n for n in rec.names if n.startswith(rec.owner + ".")), None)
+            rec.layer = path.rpartition(".")[0] if path else rec.owner
+        rec.optimizer = optimizers.get(id(leaf))
+
+
+def _settle(recorder: Any, rec: LeafRecord) -> None:
+    """Where `before` came from, the status word and the run count."""
+    leaf = rec.ref()
+    item = recorder.history.get(leaf) if leaf is not None else None
+    if not stats.is_empty(rec.before):
+        ended = _comparable(item.end) if item is not None else None
+        if item is not None and stats.same(ended, _comparable(rec.before)):
+            rec.before_origin, rec.runs_before = "watched run", max(item.runs, 1)
+        else:
+            rec.before_origin = "changed" if item is not None and ended is not None else "unwatched"
+            rec.runs_before = 1
+    if rec.backwards == 0:
+        rec.status = "none" if rec.expected else "unchanged"
+        rec.runs = rec.runs_before if rec.status == "unchanged" else 0
+        rec.after = rec.before
+        return
+    if rec.after is None:
+        rec.status, rec.runs = "none", 0
+        return
+    looped = rec.summed > 1 and rec.steps == 0 and rec.summed_structures == 1
+    if stats.nonfinite(rec.after):
+        rec.status = "nan/inf"
+    elif rec.stale_start or rec.stale_steps or looped:
+        rec.status = "accumulated"
+    else:
+        rec.status = "new"
+    rec.runs = rec.runs_before + 1 if rec.stale_start else 1
+
+
+def _comparable(value: Any) -> Any:
+    """A value as history keeps it: large exact copies (from `copies=True`) as summaries."""
+    if isinstance(value, torch.Tensor) and value.numel() > stats.DEFAULT_VALUES:
+        return stats.read_values([value], 0, False)[0]
+    return value
+
+
+def _remember(recorder: Any, run: int) -> None:
+    recorder.run_number = run
+    for rec in recorder.leaves:
+        leaf = rec.ref()
+        if leaf is None or rec.backwards == 0:
+            continue
+        values = [_comparable(v) for v in (rec.before, rec.after, rec.added, rec.end)]
+        entry = RunEntry(run, *values[:3], rec.status, rec.runs)
+        recorder.history.record(leaf, entry, values[3])
+
+
+def _name_backwards(recorder: Any, namer: Namer) -> None:
+    created = recorder.created_names
+    names = {id(r.ref()): r.name for r in recorder.leaves if r.ref() is not None}
+    for record in recorder.records:
+        for i, ref in enumerate(record._root_refs):
+            t = ref()
+            if t is not None:
+                record.roots[i] = namer.name(t) or created.get(t) or names.get(id(t)) or ""
+        if record.inputs is not None:
+            for i, ref in enumerate(record._input_refs):
+                t = ref() if ref is not None else None
+                if t is not None:
+                    record.inputs[i] = names.get(id(t)) or namer.name(t) or ""
+        snap = record.graph
+        if snap is not None and len(snap.roots) == len(record.roots):
+            for nid, name in zip(snap.roots, record.roots):
+                if name and not snap.nodes[nid].root_name:
+                    snap.nodes[nid].root_name = name
+        record._root_refs, record._input_refs = [], []
+
+
+def _assign_modules(recorder: Any, namer: Namer) -> None:
+    """Which module call made each op, for the drawing."""
+    spans, recorder.module_spans = recorder.module_spans, None
+    if spans is None:
+        return
+    seen: set[int] = set()
+    drawn = []
+    for record in recorder.records:
+        snap = record.graph
+        if snap is not None and not snap.folded and id(snap) not in seen:
+            seen.add(id(snap))
+            drawn.append(snap)
+    spans.assign(drawn, module_name=namer.module_name)
+
+
+def _variable(namespace: Mapping[str, Any], obj: Any) -> str | None:
+    for key, value in list(namespace.items()):
+        if value is obj and isinstance(key, str) and not key.startswith("_"):
+            return key
+    return None
+
+
+def _steps(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> list[OptimizerSteps]:
+    """What each optimizer's steps did: the gradient the last step used, each parameter
+    before the first step and at the end of the block, and how far it moved."""
+    probe = recorder.steps
+    rows = {id(r.ref()): r.name for r in recorder.leaves if r.ref() is not None}
+    out = []
+    for live in probe.live.values():
+        optimizer = live.ref()
+        items = [(item, item.ref()) for item in live.params.values()]
+        items = [(item, p) for item, p in items if p is not None]
+        ends = recorder.read([p for _, p in items])
+        params = []
+        for i, ((item, p), end) in enumerate(zip(items, ends)):
+            name = rows.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
+            step = ParamStep(name, stats.shape_of(p), item.grad, item.before, end, None, item.steps)
+            step.moved_after_step = item.steps > 0 and p._version != item.version
+            if isinstance(item.before, torch.Tensor) and isinstance(end, torch.Tensor):
+                step.change = end - item.before if end.shape == item.before.shape else None
+            elif item.first_copy is not None:
+                first = item.first_copy
+                if first.shape == p.shape:
+                    step.change = stats.norms([p.detach() - first])[0]
+                step.before = stats.norm_summary(first, stats.norms([first])[0])
+                item.first_copy = None
+            params.append(step)
+        name = (_variable(namespace, optimizer) if optimizer is not None else None) or live.kind
+        skipped = sum(
+            1
+            for e in recorder.edits
+            if e.what == "scaler_step" and e.skipped and e.refs and e.refs[1]() is optimizer
+        )
+        out.append(
+            OptimizerSteps(
+                name, live.kind, live.hyperparameters, live.steps, params, probe.budget, skipped
+            )
+        )
+    return out
+
+
+def _events(recorder: Any, namespace: Mapping[str, Any]) -> list[EditEvent]:
+    """The edit calls, spelled with the user's names; and each change said to come from
+    them (`Change.by`)."""
+    for edit in recorder.edits:
+        if edit.refs:
+            scaler, optimizer = (ref() for ref in edit.refs)
+            s = _variable(namespace, scaler) or "scaler"
+            o = _variable(namespace, optimizer) or "optimizer"
+            method = "unscale_" if edit.what == "unscale" else "step"
+            scale = f" (÷{1 / edit.factor:g})" if edit.factor else ""
+            edit.text = f"`{s}.{method}({o})`{scale}"
+    for change, edits in recorder._attributions:
+        change.by = " then ".join(e.text for e in edits)
+    events = []
+    for e in recorder.edits:
+        optimizer = e.refs[1]() if e.refs else None
+        name = (_variable(namespace, optimizer) if optimizer is not None else None) or ""
+        events.append(EditEvent(e.what, e.text, e.factor, e.skipped, name))
+    return events
+
+
+def _modules(recorder: Any, namespace: Mapping[str, Any]) -> list[ModuleFact]:
+    keys: dict[str, list[int]] = {}
+    for rec in recorder.leaves:
+        if rec.owner:
+            keys.setdefault(rec.owner, []).append(rec.key)
+    facts = []
+    for name, leaf_keys in keys.items():
+        module = namespace.get(name)
+        if not isinstance(module, nn.Module):
+            continue
+        modules, _ = _engine.module_tree(module)
+        saturating = sum(isinstance(m, SATURATING) for _, m in modules)
+        facts.append(ModuleFact(name, module in recorder.module_calls, saturating, leaf_keys))
+    return facts
+
+
+def _nonleaf_reads(recorder: Any, namespace: Mapping[str, Any]) -> list[str]:
+    """Which non-leaf `.grad` the block read, from the warnings and the source."""
+    import linecache
+
+    reads: list[str] = []
+    for message, filename, lineno in recorder.warnings.shown:
+        if message.startswith(NONLEAF_WARNING):
+            reads += grad_reads(linecache.getline(filename, lineno))
+    # A repeated warning is hidden by the filters' registry: the source still tells.
+    for name in grad_reads(recorder.source or ""):
+        value = namespace.get(name)
+        if isinstance(value, torch.Tensor) and not value.retains_grad:
+            try:
+                if not value.is_leaf:
+                    reads.append(name)
+            except RuntimeError:  # a view whose graph cannot be rebuilt: not a plain read
+                continue
+    return list(dict.fromkeys(reads))

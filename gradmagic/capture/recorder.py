@@ -1,0 +1,416 @@
+"""`Recorder`: the facts of one watched block, taken as they happen.
+
+At each call into the autograd engine it walks the graph, reads every reached
+leaf's `.grad` before and after (by content: `stats.read_values`), and hooks
+small graphs to see what flowed. The probes add optimizer steps, edit calls
+(clipping, a GradScaler's work), warnings and module calls. `close()` reads
+every gradient once more and writes the `BlockRecord` (`finish.py`).
+
+Every hook gradmagic installs catches its own errors: they are recorded and
+shown as one quiet line of the report, never raised into the user's code.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from .. import _engine, stats
+from ..graph.snapshot import snapshot
+from ..history import History, default_history
+from ..options import Options
+from ..records import BackwardRecord, BlockRecord, Change, LeafRecord
+from .flow import FlowRecorder
+from .leaves import Edit, LeafTrack
+from .modules import ModuleCalls, ModuleSpans
+from .names import CreatedLeafNames, may_run_user_code
+
+# The recorders of the blocks running now, innermost last: the engine wrapper and the
+# edit wrappers hand each call to the innermost one.
+ACTIVE: list[Recorder] = []
+
+# Set by the report layer (`gradmagic/__init__.py`): block record -> GradReport.
+REPORT_BUILDER: list[Callable[[BlockRecord], Any]] = []
+
+
+class Recorder:
+    """Records the engine calls of one watched block. Use `watch()` to get one."""
+
+    def __init__(
+        self,
+        namespace: Mapping[str, Any] | None = None,
+        source: str | None = None,
+        history: History | None = None,
+        options: Options | None = None,
+    ) -> None:
+        from .probes import GradModeProbe, OptimizerStepProbe, WarningProbe
+
+        self.namespace = namespace
+        self.source = source
+        self.history = history if history is not None else default_history
+        self.options = options or Options()
+        self.records: list[BackwardRecord] = []
+        self.leaves: list[LeafRecord] = []
+        self.internal_errors: list[str] = []
+        self.unobserved: Counter[str] = Counter()
+        self.edits: list[Edit] = []
+        self.block: BlockRecord | None = None
+        self.closed = False
+        self._tracks: dict[int, LeafTrack] = {}  # id(leaf) -> its track, while `ref()` is it
+        self._attributions: list[tuple[Change, list[Edit]]] = []
+        self._clock = 0
+        self._thread = threading.get_ident()
+        self._depth = 0
+        self._running: tuple[BackwardRecord, list] | None = None  # the backward in progress
+        self._pending: list[tuple[torch.Tensor, LeafTrack]] = []
+        self._scaled: dict[int, tuple[weakref.ref, float]] = {}  # id(loss) -> GradScaler scale
+        self._report = None
+        self.created_names = CreatedLeafNames(
+            on_name=self._named_in_frame,
+            enabled=may_run_user_code(namespace, source),
+            errors=self.internal_errors,
+        )
+        self.module_spans = ModuleSpans() if self.options.graph else None
+        self.module_calls = ModuleCalls(self.created_names, self.module_spans, self.internal_errors)
+        self.steps = OptimizerStepProbe(self)
+        self.warnings = WarningProbe(self.internal_errors)
+        self.grad_mode = GradModeProbe()
+        # The naming hook goes on last and comes off first: it would see every call the
+        # other probes make while they install and remove themselves.
+        self.probes: list[Any] = [
+            self.module_calls,
+            self.steps,
+            self.warnings,
+            self.grad_mode,
+            self.created_names,
+        ]
+        # Graphs recorded so far, by (kind, structure); the block's first one is keyed
+        # only if a second backward comes, so a one-step cell never hashes its graph.
+        self._firsts: dict[tuple[str, str], Any] = {}
+        self._unkeyed: BackwardRecord | None = None
+        self._retained = False
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def guard(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run bookkeeping so that a fault in gradmagic never reaches the user's code."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - shown in the report, not raised
+            self.internal_errors.append(f"{fn.__name__}: {type(exc).__name__}: {exc}")
+            return None
+
+    def tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def edits_since(self, clock: int) -> list[Edit]:
+        return [e for e in self.edits if e.clock > clock]
+
+    def read(self, tensors: list[torch.Tensor | None]) -> list[Any]:
+        """The values of `tensors` now (see `stats.read_values`). Callers hold `quiet()`."""
+        if not any(t is not None for t in tensors):
+            return [None] * len(tensors)
+        return stats.read_values(tensors, self.options.values, self.options.copies)
+
+    def track(self, leaf: torch.Tensor) -> LeafTrack:
+        track = self._tracks.get(id(leaf))
+        if track is None or track.record.ref() is not leaf:
+            track = self._register(leaf)
+        return track
+
+    def tracked(self, leaf: torch.Tensor) -> LeafTrack | None:
+        track = self._tracks.get(id(leaf))
+        return track if track is not None and track.record.ref() is leaf else None
+
+    def _register(self, leaf: torch.Tensor) -> LeafTrack:
+        record = LeafRecord(
+            key=len(self.leaves),
+            ref=weakref.ref(leaf),
+            shape=stats.shape_of(leaf),
+            dtype=stats.dtype_name(leaf.dtype),
+            device=stats.device_name(leaf),
+            numel=stats.numel_of(leaf),
+        )
+        if self.created_names.enabled:
+            local = self.created_names.get(leaf)  # a helper's frame named it as it returned
+            if local:
+                record.names = [local]
+        self.leaves.append(record)
+        track = LeafTrack(record, self._attributions)
+        track.leaf_id = id(leaf)
+        self._tracks[id(leaf)] = track
+        return track
+
+    def _named_in_frame(self, tensor: torch.Tensor, name: str) -> None:
+        track = self.tracked(tensor)
+        if track is not None and not track.record.names:
+            track.record.names = [name]
+
+    # -- the engine wrapper's handler ----------------------------------------------------------
+    def handle(self, original: Any, args: tuple, kwargs: dict, frame: Any) -> Any:
+        __tracebackhide__ = True  # IPython leaves gradmagic's frames out of tracebacks
+        if self.closed:
+            return original(*args, **kwargs)
+        nested = self._running is not None and _engine.in_backward()
+        if not nested and (self._depth or threading.get_ident() != self._thread):
+            return original(*args, **kwargs)
+        naming, key = self.created_names, object()
+        naming.hold(key)  # first: the hook would see every call made here
+        try:
+            call = _engine.parse_call(args, kwargs)
+            reason = self.guard(_engine.skip_reason, call)
+            if reason is not None:
+                if reason:
+                    self.unobserved[reason] += 1
+                return original(*args, **kwargs)
+            if nested:
+                return self._nested(original, args, kwargs, call)
+            self._depth += 1
+            try:
+                return self._record_call(original, args, kwargs, call, frame)
+            finally:
+                self._depth -= 1
+        finally:
+            naming.release(key)
+
+    def _record_call(
+        self, original: Any, args: tuple, kwargs: dict, call: _engine.EngineCall, frame: Any
+    ) -> Any:
+        __tracebackhide__ = True
+        begun = self.guard(self._begin, call, frame)
+        record, flow = begun if begun is not None else (None, nullcontext())
+        self._running = (record, self._pending) if record is not None else None
+        try:
+            with flow:
+                result = original(*args, **kwargs)
+        except BaseException as exc:
+            self._running = None
+            if record is not None:
+                record.error = f"{type(exc).__name__}: {exc}"
+                self.guard(self._end, record, None, False)
+            raise
+        self._running = None
+        if record is not None:
+            self.guard(self._end, record, result, True)
+        return result
+
+    def _nested(self, original: Any, args: tuple, kwargs: dict, call: _engine.EngineCall) -> Any:
+        """A backward inside the one being recorded (a reentrant checkpoint recomputes its
+        segment and runs a backward through it): its leaves join the outer record."""
+        __tracebackhide__ = True
+        if call.accumulate_grad and self._running is not None:
+            self.guard(self._join, call)
+        return original(*args, **kwargs)
+
+    def _join(self, call: _engine.EngineCall) -> None:
+        with _engine.quiet():
+            self._join_quietly(call)
+
+    def _join_quietly(self, call: _engine.EngineCall) -> None:
+        record, pending = self._running  # type: ignore[misc]
+        found: list[torch.Tensor] = []
+
+        def leaf_key(leaf: torch.Tensor) -> int:
+            found.append(leaf)
+            return self.track(leaf).record.key
+
+        snapshot(call.outputs, leaf_key=leaf_key, inputs=call.inputs or None, light=True)
+        targets = list(call.inputs) if call.inputs else found
+        known = {id(t) for t, _ in pending}
+        fresh = [
+            (t, self.track(t))
+            for t in targets
+            if isinstance(t, torch.Tensor) and id(t) not in known and _engine.reads_grad_quietly(t)
+        ]
+        for _, track in fresh:
+            track.record.in_graph = True
+        self._before(fresh)
+        pending.extend(fresh)
+        record.leaf_keys.extend(track.record.key for _, track in fresh)
+        record.nested += 1
+
+    # -- before the engine runs ----------------------------------------------------------------
+    def _begin(self, call: _engine.EngineCall, frame: Any) -> tuple[BackwardRecord, Any]:
+        _engine.caller_context(call, frame)
+        with _engine.quiet():
+            return self._begin_quietly(call)
+
+    def _begin_quietly(self, call: _engine.EngineCall) -> tuple[BackwardRecord, Any]:
+        roots = [t for t in call.outputs if isinstance(t, torch.Tensor)]
+        found: list[tuple[torch.Tensor, LeafTrack]] = []
+
+        def leaf_key(leaf: torch.Tensor) -> int:
+            track = self.track(leaf)
+            found.append((leaf, track))
+            return track.record.key
+
+        snap, live = snapshot(
+            call.outputs,
+            leaf_key=leaf_key,
+            inputs=call.inputs or None,
+            light=not self.options.graph,
+        )
+        for _, track in found:
+            track.record.in_graph = True
+        for edge in snap.edges:
+            src = snap.nodes[edge.src]
+            if src.kind == "leaf" and src.leaf_key is not None:
+                rec = self.leaves[src.leaf_key]
+                rec.consumer = rec.consumer or snap.nodes[edge.dst].op
+        if call.inputs:
+            targets = [
+                (t, self.track(t))
+                for t in call.inputs
+                if isinstance(t, torch.Tensor) and _engine.reads_grad_quietly(t)
+            ]
+        else:
+            targets = found
+        if self.created_names.enabled:
+            for root in roots:
+                self.created_names.want(root)
+        gradient = call.user_gradient
+        if gradient is not None:
+            items = gradient if isinstance(gradient, (tuple, list)) else (gradient,)
+            tensors = [g if isinstance(g, torch.Tensor) else None for g in items]
+            gradient = [
+                v if isinstance(g, torch.Tensor) else g for g, v in zip(items, self.read(tensors))
+            ]
+        scales = [self._scaled.get(id(t)) for t in roots]
+        scale = next((s for ref, s in filter(None, scales) if ref() is not None), None)
+        record = BackwardRecord(
+            kind=call.kind,
+            via=call.via,
+            roots=["" for _ in roots],
+            gradient=gradient,
+            retain_graph=call.retain_graph,
+            create_graph=call.create_graph,
+            inputs=["" for _ in call.inputs] if call.inputs else None,
+            leaf_keys=[track.record.key for _, track in targets],
+            loss_scale=scale,
+            _root_refs=[weakref.ref(t) for t in roots],
+        )
+        record._input_refs = [
+            weakref.ref(t) if isinstance(t, torch.Tensor) else None for t in call.inputs
+        ]
+        record.graph = snap
+        self.records.append(record)
+        self._pending = targets if call.accumulate_grad else []
+        if call.accumulate_grad:
+            self._before(targets)
+        if not self.options.graph:
+            return record, nullcontext()
+        flow = FlowRecorder(
+            snap,
+            live,
+            budget=self.options.flow_budget,
+            values=self.options.values,
+            errors=self.internal_errors,
+        )
+        return record, flow
+
+    def _before(self, targets: list[tuple[torch.Tensor, LeafTrack]]) -> None:
+        """Read each target's `.grad` before the engine adds to it."""
+        values = self.read([t.grad for t, _ in targets])
+        clock = self.tick()
+        for (t, track), value in zip(targets, values):
+            if track.before_backward(value, clock, self.edits_since(track.last_clock)):
+                track.base_copy = stats.exact_copies([t.grad])[0]
+
+    # -- after the engine ran ------------------------------------------------------------------
+    def _end(self, record: BackwardRecord, result: Any, ok: bool) -> None:
+        with _engine.quiet():
+            self._end_quietly(record, result, ok)
+
+    def _end_quietly(self, record: BackwardRecord, result: Any, ok: bool) -> None:
+        self._fold_repeat(record)
+        if record.kind == "grad":
+            if ok:
+                for key in record.leaf_keys:
+                    self.leaves[key].grad_calls += 1
+                outs = result if isinstance(result, (tuple, list)) else (result,)
+                tensors = [r if isinstance(r, torch.Tensor) else None for r in outs]
+                record.results = self.read(tensors)
+            return
+        pending, self._pending = self._pending, []
+        values = self.read([t.grad for t, _ in pending])
+        clock = self.tick()
+        snap = record.graph
+        structure = (snap.repeat_of or snap).structure if snap is not None else None
+        for (t, track), value in zip(pending, values):
+            if not track.after_backward(value, ok, structure, clock):
+                continue
+            difference = None
+            if track.base_copy is not None and not isinstance(value, torch.Tensor):
+                grad = t.grad
+                if grad is not None and grad.shape == track.base_copy.shape:
+                    (difference,) = stats.read_values([grad.detach() - track.base_copy], 0, False)
+            track.added(value, difference)
+
+    def _fold_repeat(self, record: BackwardRecord) -> None:
+        """Fold the graph of a backward that repeats one recorded earlier in the block:
+        a training loop keeps one snapshot per structure, not one per step. A repeat
+        whose gradients went non-finite is kept, for the op that made them."""
+        snap = record.graph
+        if snap is None:
+            return
+        self._retained = self._retained or record.retain_graph
+        if not self._firsts and self._unkeyed is None:
+            self._unkeyed = record  # the block's first graph: keyed if another comes
+            return
+        if self._unkeyed is not None:
+            first, self._unkeyed = self._unkeyed, None
+            self._firsts[(first.kind, first.graph.structure)] = first.graph
+        key = (record.kind, snap.structure)
+        first = self._firsts.setdefault(key, snap)
+        if first is snap:
+            return
+        if snap.flow_nonfinite:
+            snap.repeat_of = first
+        else:
+            snap.fold(first, keep_signature=self._retained)
+
+    # -- what the probes report ------------------------------------------------------------------
+    def on_edit(self, edit: Edit) -> None:
+        edit.clock = self.tick()
+        self.edits.append(edit)
+
+    def on_scaled(self, outputs: Any, scale: float) -> None:
+        """A GradScaler scaled `outputs` (a loss, or several) by `scale`."""
+        items = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        for t in items:
+            if isinstance(t, torch.Tensor):
+                self._scaled[id(t)] = (weakref.ref(t), scale)
+
+    # -- closing ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Read every gradient once more and write the block's facts (`self.block`)."""
+        if self.closed:
+            return
+        self.closed = True
+        from .finish import finish
+
+        with _engine.quiet():
+            self.guard(finish, self)
+        # The probes and the naming hook point back to the recorder: dropping them ends
+        # the only reference cycles a block builds.
+        self.probes = []
+        self.created_names.on_name = None
+        self.steps = self.warnings = None  # type: ignore[assignment]
+        self._tracks = {}
+        self._scaled = {}
+        self.namespace = None
+
+    def report(self) -> Any:
+        """The `GradReport` of this block (built once, after it closed)."""
+        if self._report is None:
+            self.close()
+            if self.block is None:
+                raise RuntimeError(f"gradmagic could not record this block: {self.internal_errors}")
+            self._report = REPORT_BUILDER[0](self.block)
+        return self._report

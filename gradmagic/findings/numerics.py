@@ -1,0 +1,186 @@
+"""NaN and Inf, and gradients that vanish or explode, read on the values put to use."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import stats
+from ..records import BlockRecord, LeafRecord, rows
+from ._base import Finding, listing, plural, rule, sci, used_value
+
+# What makes each op's gradient non-finite, by the name PyTorch gives its node.
+NONFINITE_CAUSES = {
+    "Log": "`log` at 0 (its gradient is 1/x)",
+    "Div": "a division by 0",
+    "Sqrt": "`sqrt` at 0 (its gradient is 1/(2√x))",
+    "Pow": "a power at 0 with an exponent below 1",
+    "Rsqrt": "`rsqrt` at 0",
+    "Reciprocal": "`1/x` at 0",
+    "Acos": "`acos` at ±1",
+    "Asin": "`asin` at ±1",
+}
+
+
+def _nonfinite_counts(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, torch.Tensor):
+        v, _ = stats.computable(value)
+        if v is None:
+            return None
+        v = v.abs() if v.is_complex() else v.float()
+        return int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+    if isinstance(value, stats.TensorSummary) and value.nan is not None:
+        return value.nan, value.inf or 0
+    return None
+
+
+def _first_nonfinite_op(block: BlockRecord) -> str | None:
+    for record in block.backwards:
+        op = record.graph.first_nonfinite_op if record.graph is not None else None
+        if op:
+            return op
+    return None
+
+
+@rule
+def nan_inf(block: BlockRecord) -> Iterator[Finding]:
+    bad = [r for r in rows(block) if r.status == "nan/inf"]
+    if not bad:
+        return
+    parts = []
+    for r in bad[:4]:
+        nan, inf = _nonfinite_counts(r.after) or (None, None)
+        what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+        parts.append(
+            f"`{r.name}.grad` has {what or 'NaN or Inf'} (of {plural(r.numel, 'element')})"
+        )
+    if len(bad) > 4:
+        parts.append(f"{len(bad) - 4} more leaves too")
+    op = _first_nonfinite_op(block)
+    if op:
+        cause = NONFINITE_CAUSES.get(re.sub(r"Backward\d*$", "", op), "look at its inputs")
+        why = f"the first non-finite gradient came out of `{op}`: likely {cause}"
+    else:
+        why = (
+            f"an operation between the loss and {'it' if len(bad) == 1 else 'them'} produced a "
+            f"non-finite gradient (log or division of 0, sqrt at 0, or overflow)"
+        )
+    yield Finding("nan-inf", "error", f"{'; '.join(parts)}: {why}.", tuple(r.name for r in bad))
+
+
+@dataclass
+class _Layer:
+    """A module's own parameters (`model.3`): their joint gradient norm and row names."""
+
+    name: str
+    norm: float = 0.0
+    rows: list[str] = field(default_factory=list)
+
+
+def _loss_scale(block: BlockRecord) -> float | None:
+    """The GradScaler scale still in the gradients: backwards of a scaled loss and no
+    unscale after them."""
+    scales = {r.loss_scale for r in block.backwards if r.kind == "backward" and r.error is None}
+    if len(scales) != 1 or None in scales:
+        return None
+    if any(e.what == "unscale" for e in block.events):
+        return None
+    return scales.pop()
+
+
+def _norms(rows_: list[LeafRecord], scale: float | None) -> dict[int, float]:
+    """Finite norms of the gradients as put to use, by row key (a loss scale divided out)."""
+    out = {}
+    for r in rows_:
+        value = used_value(r)
+        if isinstance(value, torch.Tensor):
+            norm = stats.norm_of(value)
+        else:
+            norm = value.norm if isinstance(value, stats.TensorSummary) else None
+        if norm is not None and math.isfinite(norm):
+            out[r.key] = norm / scale if scale else norm
+    return out
+
+
+@rule
+def vanishing_exploding(block: BlockRecord) -> Iterator[Finding]:
+    options = block.options
+    shown = [r for r in rows(block) if r.status in ("new", "accumulated")]
+    scale = _loss_scale(block)
+    norms = _norms(shown, scale)
+    unscaled = f" (the GradScaler's ×{scale:g} divided out)" if scale else ""
+    covered: set[str] = set()
+    for module in block.modules:
+        layers: dict[str, _Layer] = {}
+        for r in sorted((r for r in shown if r.owner == module.name), key=lambda r: r.order):
+            if r.key in norms and r.layer:
+                layer = layers.setdefault(r.layer, _Layer(r.layer))
+                layer.norm = math.hypot(layer.norm, norms[r.key])
+                layer.rows.append(r.name)
+        nonzero = [layer for layer in layers.values() if layer.norm > 0]
+        if len(nonzero) < 2:
+            continue
+        low = min(nonzero, key=lambda layer: layer.norm)
+        high = max(nonzero, key=lambda layer: layer.norm)
+        if high.norm / low.norm <= options.ratio:
+            continue
+        covered.update(name for layer in nonzero for name in layer.rows)
+        both = f"(‖g‖ {sci(low.norm)} vs {sci(high.norm)}{unscaled})"
+        if nonzero.index(low) < nonzero.index(high):
+            through = (
+                f"through {plural(module.saturating, 'saturating activation')} "
+                f"(a sigmoid scales gradients by at most 0.25)"
+                if module.saturating
+                else "through many layers"
+            )
+            yield Finding(
+                "vanishing",
+                "warning",
+                f"`{low.name}` gradients are {sci(low.norm / high.norm)} of `{high.name}`'s "
+                f"{both}: they vanish on the way back {through}; try ReLU-family activations, "
+                f"normalisation or residual connections.",
+                tuple(low.rows + high.rows),
+            )
+        else:
+            yield Finding(
+                "exploding",
+                "warning",
+                f"`{high.name}` gradients are {sci(high.norm / low.norm)} times `{low.name}`'s "
+                f"{both}: they grow on the way back; try gradient clipping "
+                f"(`torch.nn.utils.clip_grad_norm_`), a smaller initialisation or normalisation.",
+                tuple(high.rows + low.rows),
+            )
+    small, large = [], []
+    for r in shown:
+        n = norms.get(r.key)
+        if r.name in covered or n is None:
+            continue
+        if 0 < n < options.vanish:
+            small.append((r.name, n))
+        elif n > options.explode:
+            large.append((r.name, n))
+    if small:
+        yield Finding(
+            "vanishing",
+            "warning",
+            f"{listing([n for n, _ in small])} got gradients of norm "
+            f"{', '.join(sci(n) for _, n in small[:4])}{unscaled}, below {sci(options.vanish)}: "
+            f"too small to move {'it' if len(small) == 1 else 'them'} (saturated activations, "
+            f"a tiny loss scale, or a long chain of small factors).",
+            tuple(n for n, _ in small),
+        )
+    if large:
+        yield Finding(
+            "exploding",
+            "warning",
+            f"{listing([n for n, _ in large])} got gradients of norm "
+            f"{', '.join(sci(n) for _, n in large[:4])}{unscaled}, above {sci(options.explode)}: "
+            f"one step could throw {'it' if len(large) == 1 else 'them'} far (clip with "
+            f"`torch.nn.utils.clip_grad_norm_`, lower the learning rate, or check the loss scale).",
+            tuple(n for n, _ in large),
+        )

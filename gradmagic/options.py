@@ -1,0 +1,35 @@
+"""What a watched block records and shows. The magic's flags map one to one onto these."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .stats import DEFAULT_VALUES
+
+
+@dataclass
+class Options:
+    values: int = DEFAULT_VALUES  # keep exact values of gradients with at most this many elements
+    copies: bool = False  # keep exact copies of every gradient
+    only: re.Pattern[str] | None = None  # show only leaves whose name matches
+    graph: bool = True
+    max_nodes: int = 60
+    depth: int | None = None
+    flow_budget: int = 150
+    # Findings' thresholds on gradient norms, and the gradient-flow chart (None: automatic).
+    vanish: float = 1e-8
+    explode: float = 1e4
+    ratio: float = 1e4
+    plot: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.values, bool) or not isinstance(self.values, int) or self.values < 0:
+            raise ValueError(f"values must be a whole number >= 0, not {self.values!r}.")
+        if isinstance(self.only, str):
+            try:
+                self.only = re.compile(self.only)
+            except re.error as exc:
+                raise ValueError(
+                    f"only={self.only!r} is not a valid regular expression: {exc}."
+                ) from None

@@ -1,0 +1,187 @@
+"""The facts of a watched block, as plain data: no behaviour, no live tensor.
+
+Capture fills these as things happen; findings and the report read them and
+nothing else. A *value* is what a gradient held at one moment, by content: None
+(no `.grad`), an exact copy (small tensors), or a `stats.TensorSummary`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .graph.data import GraphSnapshot
+from .options import Options
+
+
+@dataclass(slots=True)
+class Change:
+    """`.grad` changed between two readings with no backward in between."""
+
+    what: str  # "set to None", "zeroed", "scaled", "changed"
+    by: str  # what did it, when known: "`clip_grad_norm_(max_norm=1.0)`"; "" otherwise
+    before: Any
+    after: Any
+    factor: float | None = None  # after = factor × before (copies), or the ratio of norms
+    when: str = ""  # "before `opt.step()`", "before backward 3", "by the end of the block"
+
+
+@dataclass(slots=True)
+class LeafRecord:
+    """One leaf tensor a backward reached (or that should have got a gradient)."""
+
+    key: int
+    ref: Any  # weakref.ref to the leaf, never the tensor
+    shape: tuple[int, ...] | None
+    dtype: str
+    device: str
+    numel: int
+    name: str = ""
+    names: list[str] = field(default_factory=list)
+    order: int = 0
+    consumer: str | None = None  # the first op that used it, for a leaf nobody named
+    # What `.grad` held, read when it happened.
+    before: Any = None  # before the block's first backward that reached it
+    after: Any = None  # right after the last backward that reached it
+    added: Any = None  # what the backwards since it was last empty (or since `before`) added
+    added_known: bool = True  # False where a change between backwards hides it
+    used: Any = None  # what the last optimizer step used, when `stepped`
+    stepped: bool = False  # a step came after the last backward and used its gradient
+    end: Any = None  # when the block ended
+    later: list[Change] = field(default_factory=list)  # changes after the last backward
+    # How it got there.
+    backwards: int = 0  # backwards that added to it
+    failed: int = 0  # backwards that reached it and raised
+    grad_calls: int = 0  # `torch.autograd.grad` calls with it as an input
+    summed: int = 0  # backwards summed into `after` since it was last empty
+    summed_structures: int = 0  # distinct graphs among them
+    steps: int = 0  # optimizer steps that used its gradient
+    stale_steps: int = 0  # steps that used a gradient an earlier step had already used
+    cycles: list[int] = field(default_factory=list)  # backwards summed into each step's gradient
+    emptied: int = 0  # times it was set to None or zeroed between backwards
+    stale_start: bool = False  # `before` held a gradient that `after` still adds to
+    before_origin: str = ""  # "watched run", "changed", "unwatched": where `before` came from
+    runs_before: int = 0  # cell runs that had added to `before`
+    expected: bool = False  # should have got a gradient and did not
+    in_graph: bool = False  # some backward's graph reached it (it may not have been asked for)
+    status: str = ""
+    runs: int = 0
+    owner: str | None = None  # variable of the module holding it (`model`)
+    layer: str | None = None  # the module path of its own layer (`model.0`)
+    optimizer: str | None = None  # variable of an optimizer holding it
+
+
+@dataclass(slots=True)
+class BackwardRecord:
+    """One call into the autograd engine made while watching."""
+
+    kind: str  # "backward" or "grad"
+    via: str  # the torch function the user's code called: `Tensor.backward`, `gradcheck`
+    roots: list[str]
+    gradient: list[Any] | None  # values of the `gradient=` argument
+    retain_graph: bool
+    create_graph: bool
+    inputs: list[str] | None
+    leaf_keys: list[int] = field(default_factory=list)
+    error: str | None = None
+    results: list[Any] | None = None  # what torch.autograd.grad returned
+    # A repeat of a graph recorded earlier in the block is folded (no nodes) and points to
+    # it through `graph.repeat_of`.
+    graph: GraphSnapshot | None = None
+    nested: int = 0  # backwards run inside it (a reentrant checkpoint), merged in
+    loss_scale: float | None = None  # a GradScaler's scale, when it scaled what this started from
+    _root_refs: list[Any] = field(default_factory=list, repr=False)
+    _input_refs: list[Any] = field(default_factory=list, repr=False)
+
+    def __repr__(self) -> str:
+        extra = f", gradient={self.gradient}" if self.gradient is not None else ""
+        return f"BackwardRecord(kind={self.kind!r}, roots={self.roots}{extra})"
+
+
+@dataclass(slots=True)
+class EditEvent:
+    """A call that changes gradients between backwards: a clip, a GradScaler's work."""
+
+    what: str  # "clip_norm", "clip_value", "scale", "unscale", "scaler_step"
+    text: str  # how the user spelled it, for sentences: "`clip_grad_norm_(max_norm=1.0)`"
+    factor: float | None = None  # what it multiplies gradients by, when it scales them
+    skipped: bool = False  # scaler_step: NaN/Inf were found and the optimizer step skipped
+    optimizer: str = ""
+
+
+@dataclass
+class ParamStep:
+    """One parameter across an optimizer's steps in a block.
+
+    `grad` is what the last step used; `before` the parameter before the first
+    step; `after` the parameter when the block ended; `change` is `after - before`
+    (small tensors) or the norm of that difference (large ones within the copy
+    budget). Each is a value: a copy or a `TensorSummary`.
+    """
+
+    name: str
+    shape: tuple[int, ...] | None
+    grad: Any
+    before: Any
+    after: Any
+    change: Any
+    steps: int
+    moved_after_step: bool = False  # something wrote to it after its last step
+
+
+@dataclass
+class OptimizerSteps:
+    """What one optimizer's `step()` calls did in the block."""
+
+    name: str  # the variable holding it, else its class name
+    kind: str  # `SGD`, `Adam`, ...
+    hyperparameters: dict[str, Any]
+    steps: int
+    params: list[ParamStep]
+    budget: int  # elements of large parameters copied to measure ‖Δ‖
+    skipped: int = 0  # steps a GradScaler skipped (NaN/Inf in the gradients)
+
+    @property
+    def title(self) -> str:
+        """`opt = SGD(lr=0.001)`."""
+        hyper = ", ".join(f"{k}={v}" for k, v in self.hyperparameters.items())
+        call = f"{self.kind}({hyper})"
+        return call if self.name == self.kind else f"{self.name} = {call}"
+
+
+@dataclass(slots=True)
+class ModuleFact:
+    """A module of the namespace whose parameters have rows."""
+
+    name: str  # its variable
+    ran: bool  # a forward of it ran in the block with gradients on
+    saturating: int  # sigmoid-like activations among its submodules
+    leaf_keys: list[int] = field(default_factory=list)  # its parameters' rows
+
+
+@dataclass
+class BlockRecord:
+    """Everything a watched block recorded: what findings and the report read."""
+
+    run: int
+    source: str | None
+    options: Options
+    grad_mode: str = "enabled"  # or "no_grad", "inference_mode" when the block began
+    leaves: list[LeafRecord] = field(default_factory=list)
+    backwards: list[BackwardRecord] = field(default_factory=list)
+    steps: list[OptimizerSteps] = field(default_factory=list)
+    events: list[EditEvent] = field(default_factory=list)
+    modules: list[ModuleFact] = field(default_factory=list)
+    nonleaf_grad_reads: list[str] = field(default_factory=list)
+    unobserved: list[str] = field(default_factory=list)  # engine calls left alone, and why
+    internal_errors: list[str] = field(default_factory=list)
+
+
+def rows(block: BlockRecord) -> list[LeafRecord]:
+    """The table's rows, in table order, filtered by `only`."""
+    shown = [r for r in block.leaves if r.backwards or r.grad_calls or r.expected]
+    shown.sort(key=lambda r: r.order)
+    only = block.options.only
+    if only is not None:
+        shown = [r for r in shown if only.search(r.name)]
+    return shown

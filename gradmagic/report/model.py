@@ -1,0 +1,313 @@
+"""`GradReport`: a block's records and findings, and the data its views show."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import _engine, stats
+from ..findings import Finding, findings_for
+from ..records import BlockRecord, Change, LeafRecord, OptimizerSteps, rows
+from .plot import GradientFlow, gradient_flow
+
+# Rows drawn in HTML and text; `rep.table` always has them all. Problem rows come first.
+MAX_SHOWN_ROWS = 200
+PROBLEM_STATUSES = ("nan/inf", "none", "accumulated")
+COLUMNS = ("shape", "dtype", "device", "before", "after", "added", "status", "runs", "then")
+
+
+@dataclass
+class LeafRow:
+    """One row of the gradient table: what one leaf's `.grad` held, and when.
+
+    `before`: before the block's first backward that reached it; `after`: right
+    after the last one; `added`: what the backwards since it was last empty
+    added; `then`: changes after the last backward (a clip, an unscale, a
+    zeroing); `used`: what the last optimizer step used, when `stepped`; `end`:
+    when the block ended. `tensor()` is the leaf itself, while it lives.
+    """
+
+    name: str
+    names: list[str]
+    shape: tuple[int, ...] | None
+    dtype: str
+    device: str
+    before: Any
+    after: Any
+    added: Any
+    status: str
+    runs: int
+    key: int
+    then: list[Change] = field(default_factory=list)
+    used: Any = None
+    stepped: bool = False
+    end: Any = None
+    added_known: bool = True
+    _ref: Any = field(default=None, repr=False)
+
+    def tensor(self) -> torch.Tensor | None:
+        return self._ref() if self._ref is not None else None
+
+    @classmethod
+    def of(cls, r: LeafRecord) -> LeafRow:
+        return cls(
+            r.name,
+            r.names,
+            r.shape,
+            r.dtype,
+            r.device,
+            r.before,
+            r.after,
+            r.added,
+            r.status,
+            r.runs,
+            r.key,
+            list(r.later),
+            r.used,
+            r.stepped,
+            r.end,
+            r.added_known,
+            r.ref if isinstance(r.ref, weakref.ref) else None,
+        )
+
+
+@dataclass
+class GradGraph:
+    """One distinct autograd graph of the block, and how often it ran."""
+
+    snapshot: Any
+    repeat: int
+    kind: str
+    leaf_names: dict[int, str]
+    leaf_status: dict[int, str]
+    max_nodes: int
+    depth: int | None
+    _digraph: Any = None
+    _render: Any = None
+
+    @property
+    def digraph(self) -> Any:
+        if self._digraph is None:
+            from ..graph.draw import to_digraph
+
+            title = "torch.autograd.grad" if self.kind == "grad" else None
+            self._digraph = to_digraph(
+                self.snapshot,
+                leaf_names=self.leaf_names,
+                leaf_status=self.leaf_status,
+                max_nodes=self.max_nodes,
+                depth=self.depth,
+                repeat=self.repeat,
+                title=title,
+            )
+        return self._digraph
+
+    def rendered(self) -> Any:
+        if self._render is None:
+            from ..render import render_svg
+
+            self._render = render_svg(self.digraph.source)
+        return self._render
+
+
+def distinct_graphs(block: BlockRecord) -> list[tuple[Any, int]]:
+    """The first record of each graph structure, and how many records share it: a loop's
+    steps and `retain_graph` repeats run the same structure, drawn once."""
+    found: dict[tuple[str, str], list] = {}
+    for record in block.backwards:
+        snap = record.graph
+        if snap is None or not (snap.nodes or snap.folded):  # a loss with no grad_fn
+            continue
+        first = snap.repeat_of or snap
+        entry = found.setdefault((record.kind, first.structure), [record, 0])
+        entry[1] += 1
+    return [(record, repeat) for record, repeat in found.values()]
+
+
+def complete_statistics(block: BlockRecord) -> None:
+    """Full statistics (range, mean, std, zeros) of large gradients the block read only by
+    their norm, taken now from a gradient whose content is still what the block ended
+    with (same norm); the values of the block's readings stay as they were otherwise."""
+    todo: list[tuple[LeafRecord, torch.Tensor]] = []
+    for r in block.leaves:
+        end = r.end
+        if not (isinstance(end, stats.TensorSummary) and end.readable and end.mean is None):
+            continue
+        leaf = r.ref()
+        grad = leaf.grad if leaf is not None else None
+        if grad is not None:
+            todo.append((r, grad))
+    if not todo:
+        return
+    with _engine.quiet():
+        norms = stats.norms([stats.computable(g)[0] for _, g in todo])
+        current = [(r, g) for (r, g), n in zip(todo, norms) if n == r.end.norm]
+        full = stats.summaries([g for _, g in current])
+    for (r, _), summary in zip(current, full):
+        for attr in ("after", "used", "end", "added", "before"):
+            value = getattr(r, attr)
+            if value is not None and value is not r.end and stats.same(value, r.end):
+                setattr(r, attr, summary)
+        r.end = summary
+
+
+@dataclass
+class GradReport:
+    """What one `%%grad` cell (or `watch()` block) did to the gradients.
+
+    `table` is a pandas DataFrame indexed by leaf name; `backwards` the engine
+    calls; `findings` what gradmagic noticed; `graph` the `graphviz.Digraph`
+    (a list when the block ran several distinct graphs); `steps` what each
+    optimizer's `step()` did (`step_table`); `flow` the gradient-flow chart;
+    `block` every fact recorded.
+    """
+
+    rows: list[LeafRow]
+    backwards: list[Any]
+    findings: list[Finding]
+    graphs: list[GradGraph] = field(default_factory=list)
+    run: int = 0
+    show_table: bool = True
+    show_graph: bool = True
+    errors: list[str] = field(default_factory=list)
+    steps: list[OptimizerSteps] = field(default_factory=list)
+    flow: GradientFlow | None = None
+    notes: list[str] = field(default_factory=list)
+    block: BlockRecord | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_block(cls, block: BlockRecord) -> GradReport:
+        complete_statistics(block)
+        with _engine.quiet():
+            findings = findings_for(block)
+            flow = gradient_flow(block)
+        names = {r.key: r.name for r in block.leaves}
+        status = {r.key: r.status for r in block.leaves}
+        graphs = []
+        if block.options.graph:
+            graphs = [
+                GradGraph(
+                    record.graph,
+                    repeat,
+                    record.kind,
+                    names,
+                    status,
+                    block.options.max_nodes,
+                    block.options.depth,
+                )
+                for record, repeat in distinct_graphs(block)
+            ]
+        return cls(
+            rows=[LeafRow.of(r) for r in rows(block)],
+            backwards=list(block.backwards),
+            findings=findings,
+            graphs=graphs,
+            run=block.run,
+            errors=list(block.internal_errors),
+            steps=list(block.steps),
+            flow=flow,
+            block=block,
+        )
+
+    # -- data -------------------------------------------------------------------------------
+    @property
+    def table(self) -> Any:
+        """One row per leaf: shape, dtype, device, before, after, added, status, runs, and
+        `then`, the changes after the last backward, as text."""
+        import pandas as pd
+
+        from .text import then_text
+
+        data = [
+            [
+                r.shape,
+                r.dtype,
+                r.device,
+                r.before,
+                r.after,
+                r.added,
+                r.status,
+                r.runs,
+                "; ".join(then_text(c) for c in r.then),
+            ]
+            for r in self.rows
+        ]
+        frame = pd.DataFrame(data, columns=list(COLUMNS), index=[r.name for r in self.rows])
+        frame.index.name = "name"
+        return frame
+
+    @property
+    def step_table(self) -> Any:
+        """One row per parameter an optimizer stepped: the gradient its last step used, the
+        parameter before the first step and at the end of the block, and the change."""
+        import pandas as pd
+
+        data = [
+            [s.name, s.kind, p.steps, p.grad, p.before, p.after, p.change]
+            for s in self.steps
+            for p in s.params
+        ]
+        columns = ["optimizer", "kind", "steps", "grad", "before", "after", "change"]
+        frame = pd.DataFrame(
+            data, columns=columns, index=[p.name for s in self.steps for p in s.params]
+        )
+        frame.index.name = "name"
+        return frame
+
+    @property
+    def graph(self) -> Any:
+        digraphs = [g.digraph for g in self.graphs]
+        if not digraphs:
+            return None
+        return digraphs[0] if len(digraphs) == 1 else digraphs
+
+    def __getitem__(self, name: str) -> LeafRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"No row named {name!r}; rows are: {', '.join(r.name for r in self.rows)}")
+
+    def shown_rows(self) -> tuple[list[LeafRow], int]:
+        """The rows to draw (problems first, then table order) and how many were left out."""
+        if len(self.rows) <= MAX_SHOWN_ROWS:
+            return self.rows, 0
+        problems = [r for r in self.rows if r.status in PROBLEM_STATUSES]
+        rest = [r for r in self.rows if r.status not in PROBLEM_STATUSES]
+        keep = {id(r) for r in (problems + rest)[:MAX_SHOWN_ROWS]}
+        shown = [r for r in self.rows if id(r) in keep]
+        return shown, len(self.rows) - len(shown)
+
+    def headline(self) -> str:
+        n = len(self.backwards)
+        kinds = sorted({b.kind for b in self.backwards})
+        calls = f"{n} engine call{'s' if n != 1 else ''}" + (f" ({', '.join(kinds)})" if n else "")
+        leaves = f"{len(self.rows)} lea{'f' if len(self.rows) == 1 else 'ves'}"
+        return f"gradmagic · cell run {self.run} · {calls} · {leaves}"
+
+    # -- views ------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        from .text import report_text
+
+        return report_text(self)
+
+    def _repr_html_(self) -> str:
+        from .html import report_html
+
+        return report_html(self)
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write a standalone HTML page with the findings, table and graphs."""
+        from .html import esc
+
+        page = (
+            '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+            f"<title>gradmagic report · run {esc(self.run)}</title></head>"
+            f'<body style="margin: 16px;">{self._repr_html_()}</body></html>\n'
+        )
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        return os.fspath(path)
