@@ -64,6 +64,9 @@ class LeafRecord:
     runs_before: int = 0  # cell runs that had added to `before`
     expected: bool = False  # should have got a gradient and did not
     in_graph: bool = False  # some backward's graph reached it (it may not have been asked for)
+    nested_only: bool = False  # first reached by a backward inside a backward (a checkpoint's)
+    internal: bool = False  # a leaf torch made for itself and dropped (not a row)
+    before_batchnorm: bool = False  # feeds a BatchNorm in every use: its gradient is ~0
     status: str = ""
     runs: int = 0
     owner: str | None = None  # variable of the module holding it (`model`)
@@ -127,6 +130,10 @@ class ParamStep:
     change: Any
     steps: int
     moved_after_step: bool = False  # something wrote to it after its last step
+    ref: Any = field(default=None, repr=False)  # weakref.ref to the parameter
+
+    def tensor(self) -> Any:
+        return self.ref() if self.ref is not None else None
 
 
 @dataclass
@@ -144,9 +151,18 @@ class OptimizerSteps:
     @property
     def title(self) -> str:
         """`opt = SGD(lr=0.001)`."""
-        hyper = ", ".join(f"{k}={v}" for k, v in self.hyperparameters.items())
+        hyper = ", ".join(f"{k}={_number(v)}" for k, v in self.hyperparameters.items())
         call = f"{self.kind}({hyper})"
         return call if self.name == self.kind else f"{self.name} = {call}"
+
+
+def _number(value: Any) -> str:
+    """A hyperparameter as set, not as float arithmetic left it: `0.49`, `(0.9, 0.999)`."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_number(v) for v in value) + ")"
+    return str(value)
 
 
 @dataclass(slots=True)
@@ -179,7 +195,9 @@ class BlockRecord:
 
 def rows(block: BlockRecord) -> list[LeafRecord]:
     """The table's rows, in table order, filtered by `only`."""
-    shown = [r for r in block.leaves if r.backwards or r.grad_calls or r.expected]
+    shown = [
+        r for r in block.leaves if (r.backwards or r.grad_calls or r.expected) and not r.internal
+    ]
     shown.sort(key=lambda r: r.order)
     only = block.options.only
     if only is not None:

@@ -91,6 +91,7 @@ def _note_unscale(recorder: Recorder, args: tuple, kwargs: dict, result: Any) ->
         return
     edit = Edit(0, "unscale", 1.0 / scale, _optimizer_ids(optimizer))
     edit.refs = (weakref.ref(scaler), weakref.ref(optimizer))
+    edit.within_step = recorder.scaler_stepping > 0
     edit.text = f"`GradScaler.unscale_` (÷{scale:g})"
     recorder.on_edit(edit)
 
@@ -118,11 +119,20 @@ _NOTES: dict[str, Callable[[Recorder, tuple, dict, Any], None]] = {
 def _wrap(original: Any, what: str) -> Any:
     note = _NOTES[what]
 
+    stepping = what == "scaler_step"
+
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
-        result = original(*args, **kwargs)
         recorder = _recorder()
+        if recorder is not None and stepping:
+            recorder.scaler_stepping += 1  # an unscale inside is `step`'s own
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                recorder.scaler_stepping -= 1
+        else:
+            result = original(*args, **kwargs)
         if recorder is not None:
             recorder.guard(note, recorder, args, kwargs, result)
         return result

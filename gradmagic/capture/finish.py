@@ -26,6 +26,8 @@ def finish(recorder: Any) -> None:
     namespace = recorder.namespace or {}
     namer = Namer(namespace)
     _add_expected(recorder, namer)
+    _drop_internal(recorder)
+    _mark_before_batchnorm(recorder)
     _name_leaves(recorder, namer)
     _place_leaves(recorder, namer, namespace)
     run = recorder.history.new_run() if recorder.leaves else recorder.history.cell_runs
@@ -100,7 +102,7 @@ def _add_expected(recorder: Any, namer: Namer) -> None:
             _, params = _engine.module_tree(module)
             candidates.extend(p for _, p in params if p.requires_grad)
     for leaf in candidates:
-        if id(leaf) in reached:
+        if id(leaf) in reached or leaf.numel() == 0:  # an empty parameter gets no gradient
             continue
         track = recorder.track(leaf)
         if not track.record.in_graph:  # a graph reached it: `inputs=` left it out
@@ -147,6 +149,48 @@ def _place_leaves(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> 
             path = next((n for n in rec.names if n.startswith(rec.owner + ".")), None)
             rec.layer = path.rpartition(".")[0] if path else rec.owner
         rec.optimizer = optimizers.get(id(leaf))
+
+
+def _drop_internal(recorder: Any) -> None:
+    """Leaves first reached inside a reentrant checkpoint's own backward that are gone by
+    now: the detached inputs torch made to run it, not the user's tensors."""
+    for rec in recorder.leaves:
+        if rec.nested_only and rec.ref() is None:
+            rec.internal = True
+
+
+_VIEWS = ("View", "Reshape", "Expand", "Squeeze", "Unsqueeze", "Permute", "Transpose", "TBackward")
+
+
+def _feeds_batchnorm(snap: Any, into: dict[int, list[int]], nid: int, hops: int = 4) -> bool:
+    """Whether every use of node `nid` reaches a BatchNorm, through view ops only."""
+    nexts = into.get(nid, [])
+    if not nexts or hops == 0:
+        return False
+    for dst in nexts:
+        op = snap.nodes[dst].op
+        if "BatchNorm" in op:
+            continue
+        if not (any(v in op for v in _VIEWS) and _feeds_batchnorm(snap, into, dst, hops - 1)):
+            return False
+    return True
+
+
+def _mark_before_batchnorm(recorder: Any) -> None:
+    """Leaves every use of which feeds a BatchNorm (through view ops): a bias there is
+    cancelled by the batch mean, and its gradient is zero up to rounding."""
+    for record in recorder.records:
+        snap = record.graph
+        if snap is None or snap.folded:
+            continue
+        into: dict[int, list[int]] = {}
+        for e in snap.edges:
+            into.setdefault(e.src, []).append(e.dst)
+        for n in snap.nodes:
+            if n.kind == "leaf" and n.leaf_key is not None:
+                users = into.get(n.id, [])
+                if users and all(_feeds_batchnorm(snap, into, u) for u in users):
+                    recorder.leaves[n.leaf_key].before_batchnorm = True
 
 
 def _settle(recorder: Any, rec: LeafRecord) -> None:
@@ -254,6 +298,7 @@ def _steps(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> list[Op
         for i, ((item, p), end) in enumerate(zip(items, ends)):
             name = rows.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
             step = ParamStep(name, stats.shape_of(p), item.grad, item.before, end, None, item.steps)
+            step.ref = item.ref
             step.moved_after_step = item.steps > 0 and p._version != item.version
             if isinstance(item.before, torch.Tensor) and isinstance(end, torch.Tensor):
                 step.change = end - item.before if end.shape == item.before.shape else None
@@ -286,9 +331,12 @@ def _events(recorder: Any, namespace: Mapping[str, Any]) -> list[EditEvent]:
             scaler, optimizer = (ref() for ref in edit.refs)
             s = _variable(namespace, scaler) or "scaler"
             o = _variable(namespace, optimizer) or "optimizer"
-            method = "unscale_" if edit.what == "unscale" else "step"
-            scale = f" (÷{1 / edit.factor:g})" if edit.factor else ""
-            edit.text = f"`{s}.{method}({o})`{scale}"
+            if edit.what == "unscale" and edit.within_step:
+                edit.text = f"`{s}.step({o})`, which unscales first (÷{1 / edit.factor:g})"
+            elif edit.what == "unscale":
+                edit.text = f"`{s}.unscale_({o})` (÷{1 / edit.factor:g})"
+            else:
+                edit.text = f"`{s}.step({o})`"
     for change, edits in recorder._attributions:
         change.by = " then ".join(e.text for e in edits)
     events = []

@@ -33,8 +33,9 @@ class Edit:
     factor: float | None  # what it multiplies gradients by, when it scales them
     leaf_ids: frozenset[int] | None  # the tensors it touches; None when not known
     text: str = ""  # filled when the block closes and names are known
-    refs: tuple[Any, ...] = ()  # weak references to the optimizer / scaler, for names
+    refs: tuple[Any, ...] = ()  # weak references to the scaler and optimizer, for names
     skipped: bool = False
+    within_step: bool = False  # an unscale made by `GradScaler.step` itself
 
 
 _CHANGING = ("clip_norm", "clip_value", "unscale")

@@ -48,6 +48,7 @@ class LiveOptimizer:
     steps: int = 0
     params: dict[int, LiveParam] = field(default_factory=dict)
     stepping: list[tuple[LiveParam, Any]] = field(default_factory=list)
+    closure: bool = False  # the step in progress was given a closure
 
 
 class OptimizerStepProbe:
@@ -86,31 +87,48 @@ class OptimizerStepProbe:
             return
         # The naming hook is off for the whole step: an optimizer is library code.
         self.recorder.created_names.hold(self)
+        # A closure (LBFGS) computes the gradients inside the step: they are read when
+        # the step returns, as the step left them.
+        # `args` is what step() was given, the optimizer first.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         with _engine.quiet():
-            self.recorder.guard(self._note_step, optimizer)
+            self.recorder.guard(self._note_step, optimizer, not callable(closure))
 
-    def _note_step(self, optimizer: Any) -> None:
-        recorder = self.recorder
+    def _live(self, optimizer: Any) -> LiveOptimizer:
         live = self.live.get(id(optimizer))
         if live is None or live.ref() is not optimizer:
             group = optimizer.param_groups[0] if optimizer.param_groups else {}
             hyper = {k: group[k] for k in HYPERPARAMETERS if group.get(k) not in (None, 0, False)}
             live = LiveOptimizer(weakref.ref(optimizer), type(optimizer).__name__, hyper)
             self.live[id(optimizer)] = live
-        # Parameters without a gradient are skipped by step(): frozen ones stay out.
-        stepping = [
-            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
-        ]
+        return live
+
+    def _note_step(self, optimizer: Any, read_now: bool) -> None:
+        live = self._live(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        # Parameters without a gradient are skipped by step(): frozen ones stay out. With
+        # a closure, any that requires grad may get one inside the step.
+        if read_now:
+            stepping = [p for p in params if p.grad is not None]
+        else:
+            stepping = [p for p in params if p.requires_grad]
         fresh = [p for p in stepping if id(p) not in live.params]
         if fresh:
             self._copy_before(live, fresh)
+        live.stepping = []
+        if read_now:
+            self._read_step(live, stepping, "before the optimizer step")
+        else:
+            live.closure = True
+
+    def _read_step(self, live: LiveOptimizer, stepping: list[torch.Tensor], when: str) -> None:
+        """Read the gradients a step uses, as one reading for all of them."""
+        recorder = self.recorder
         values = recorder.read([p.grad for p in stepping])
         clock = recorder.tick()
-        live.stepping = []
         for p, value in zip(stepping, values):
             track = recorder.track(p)
-            edits = recorder.edits_since(track.last_clock)
-            track.at_step(value, clock, edits, "before the optimizer step")
+            track.at_step(value, clock, recorder.edits_since(track.last_clock), when)
             item = live.params[id(p)]
             item.grad = value
             live.stepping.append((item, p))
@@ -145,6 +163,13 @@ class OptimizerStepProbe:
         live = self.live.get(id(optimizer))
         if live is None:
             return
+        if live.closure:
+            live.closure = False
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            stepping = [p for p in params if p.grad is not None and id(p) in live.params]
+            with _engine.quiet():
+                when = "when the step returned (its closure computed the gradients)"
+                self.recorder.guard(self._read_step, live, stepping, when)
         live.steps += 1
         for item, p in live.stepping:
             item.steps += 1

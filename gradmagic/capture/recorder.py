@@ -70,6 +70,7 @@ class Recorder:
         self._running: tuple[BackwardRecord, list] | None = None  # the backward in progress
         self._pending: list[tuple[torch.Tensor, LeafTrack]] = []
         self._scaled: dict[int, tuple[weakref.ref, float]] = {}  # id(loss) -> GradScaler scale
+        self.scaler_stepping = 0  # inside `GradScaler.step`
         self._report = None
         self.created_names = CreatedLeafNames(
             on_name=self._named_in_frame,
@@ -230,6 +231,8 @@ class Recorder:
         ]
         for _, track in fresh:
             track.record.in_graph = True
+            if not track.seen:
+                track.record.nested_only = True  # dropped at close if it died: torch's own
         self._before(fresh)
         pending.extend(fresh)
         record.leaf_keys.extend(track.record.key for _, track in fresh)
@@ -301,8 +304,7 @@ class Recorder:
         record.graph = snap
         self.records.append(record)
         self._pending = targets if call.accumulate_grad else []
-        if call.accumulate_grad:
-            self._before(targets)
+        self._before(targets)  # a `torch.autograd.grad` call's inputs too: their rows show it
         if not self.options.graph:
             return record, nullcontext()
         flow = FlowRecorder(
@@ -318,8 +320,9 @@ class Recorder:
         """Read each target's `.grad` before the engine adds to it."""
         values = self.read([t.grad for t, _ in targets])
         clock = self.tick()
+        adding = targets is self._pending
         for (t, track), value in zip(targets, values):
-            if track.before_backward(value, clock, self.edits_since(track.last_clock)):
+            if track.before_backward(value, clock, self.edits_since(track.last_clock)) and adding:
                 track.base_copy = stats.exact_copies([t.grad])[0]
 
     # -- after the engine ran ------------------------------------------------------------------

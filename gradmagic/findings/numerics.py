@@ -63,14 +63,27 @@ def nan_inf(block: BlockRecord) -> Iterator[Finding]:
         parts.append(f"{len(bad) - 4} more leaves too")
     op = _first_nonfinite_op(block)
     if op:
-        cause = NONFINITE_CAUSES.get(re.sub(r"Backward\d*$", "", op), "look at its inputs")
-        why = f"the first non-finite gradient came out of `{op}`: likely {cause}"
+        cause = NONFINITE_CAUSES.get(re.sub(r"Backward\d*$", "", op))
+        likely = (
+            f"likely {cause}"
+            if cause
+            else "look at its inputs (a forward value that is already NaN or Inf gives one)"
+        )
+        why = f"the first non-finite gradient came out of `{op}`: {likely}"
     else:
         why = (
             f"an operation between the loss and {'it' if len(bad) == 1 else 'them'} produced a "
             f"non-finite gradient (log or division of 0, sqrt at 0, or overflow)"
         )
-    yield Finding("nan-inf", "error", f"{'; '.join(parts)}: {why}.", tuple(r.name for r in bad))
+    severity, guarded = "error", ""
+    skipped = [e for e in block.events if e.what == "scaler_step" and e.skipped]
+    if skipped and not any(r.stepped for r in bad):
+        # A GradScaler saw them and skipped the step: the parameters were kept safe.
+        severity = "warning"
+        guarded = f" {skipped[-1].text} skipped the step that would have used them."
+    yield Finding(
+        "nan-inf", severity, f"{'; '.join(parts)}: {why}.{guarded}", tuple(r.name for r in bad)
+    )
 
 
 @dataclass
@@ -155,15 +168,30 @@ def vanishing_exploding(block: BlockRecord) -> Iterator[Finding]:
                 f"(`torch.nn.utils.clip_grad_norm_`), a smaller initialisation or normalisation.",
                 tuple(high.rows + low.rows),
             )
-    small, large = [], []
+    small, large, cancelled = [], [], []
     for r in shown:
         n = norms.get(r.key)
         if r.name in covered or n is None:
             continue
-        if 0 < n < options.vanish:
+        if n < options.vanish and r.before_batchnorm:
+            cancelled.append((r.name, n))
+        elif 0 < n < options.vanish:
             small.append((r.name, n))
         elif n > options.explode:
             large.append((r.name, n))
+    if cancelled:
+        names = [n for n, _ in cancelled]
+        yield Finding(
+            "before-batchnorm",
+            "info",
+            f"{listing(names)} feed{'s' if len(names) == 1 else ''} a BatchNorm, which "
+            f"subtracts the batch mean of what {'it adds' if len(names) == 1 else 'they add'}: "
+            f"the loss does not depend on {'it' if len(names) == 1 else 'them'}, so the "
+            f"gradient is zero up to rounding (norm "
+            f"{', '.join(sci(n) for _, n in cancelled[:4])}). A layer followed by BatchNorm "
+            f"is usually built with `bias=False`.",
+            tuple(names),
+        )
     if small:
         yield Finding(
             "vanishing",

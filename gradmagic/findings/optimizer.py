@@ -19,6 +19,8 @@ def optimizer_step(block: BlockRecord) -> Iterator[Finding]:
         tiny = [
             p for p in step.params if isinstance(p.after, torch.Tensor) and p.after.numel() <= 4
         ]
+        # Parameters that moved first: a bias whose gradient was 0 says little.
+        tiny.sort(key=lambda p: not (isinstance(p.change, torch.Tensor) and bool(p.change.any())))
         moved = "; ".join(
             f"`{p.name}`: {stats.format_value(p.before)} → {stats.format_value(p.after)}"
             for p in tiny[:2]
@@ -75,18 +77,19 @@ def changed_after_backward(block: BlockRecord) -> Iterator[Finding]:
         factors = {c.factor for r in members for c in r.later if c.by == by and c.factor}
         scale = f" by {sci(factors.pop())}" if what == "scaled" and len(factors) == 1 else ""
         if by:
+            scale = "" if "÷" in by else scale  # an unscale says its factor already
             yield Finding(
                 "changed-after-backward",
                 "info",
-                f"{by} {'scaled' if what == 'scaled' else 'changed'} the gradients of "
-                f"{listing(names)}{scale} after backward: {used}.",
+                f"after backward, {by} {'scaled' if what == 'scaled' else 'changed'} the "
+                f"gradients of {listing(names)}{scale}: {used}.",
                 tuple(names),
             )
         else:
             yield Finding(
                 "changed-after-backward",
                 "info",
-                f"the gradients of {listing(names)} were {what}{scale} after backward by code "
+                f"after backward, the gradients of {listing(names)} were {what}{scale} by code "
                 f"that is not a PyTorch gradient function (a write such as `p.grad.data.mul_()` "
                 f"or `p.grad /= k`): {used}.",
                 tuple(names),

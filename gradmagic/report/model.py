@@ -144,8 +144,8 @@ def complete_statistics(block: BlockRecord) -> None:
     if not todo:
         return
     with _engine.quiet():
-        norms = stats.norms([stats.computable(g)[0] for _, g in todo])
-        current = [(r, g) for (r, g), n in zip(todo, norms) if n == r.end.norm]
+        now = stats.read_values([g for _, g in todo], 0, False)
+        current = [(r, g) for (r, g), value in zip(todo, now) if stats.same(value, r.end)]
         full = stats.summaries([g for _, g in current])
     for (r, _), summary in zip(current, full):
         for attr in ("after", "used", "end", "added", "before"):

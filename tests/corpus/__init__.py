@@ -1,0 +1,1 @@
+"""Real training code as people write it, run plain and under gradmagic (see harness.py)."""
