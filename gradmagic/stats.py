@@ -198,15 +198,15 @@ def norms(tensors: Sequence[torch.Tensor | None]) -> list[float | None]:
         if v.is_cpu and v.numel() <= _BY_LIST_UNTIL and v.layout == torch.strided:
             out[i] = _norm_of_numbers(flat_list(v.tolist()))
             continue
-        flat = _flat_real(v)
-        pending.setdefault(flat.device, []).append((i, flat, _squares(flat)))
+        flat = flat_real(v)
+        pending.setdefault(flat.device, []).append((i, flat, sum_of_squares(flat)))
     for items in pending.values():
         if len(items) == 1:
             sums = [float(items[0][2])]
         else:
             sums = torch.stack([s for _, _, s in items]).tolist()
         for (i, flat, _), total in zip(items, sums):
-            out[i] = _checked(flat, total)
+            out[i] = norm_from_squares(flat, total)
     return out
 
 
@@ -218,7 +218,7 @@ def _norm_of_numbers(numbers: list[Any]) -> float:
     return math.hypot(*values)
 
 
-def _flat_real(v: torch.Tensor) -> torch.Tensor:
+def flat_real(v: torch.Tensor) -> torch.Tensor:
     flat = v.reshape(-1)
     if flat.is_complex():
         flat = flat.abs()
@@ -227,7 +227,7 @@ def _flat_real(v: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def _squares(flat: torch.Tensor) -> torch.Tensor:
+def sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
     """The sum of squares as a 0-dim float64 tensor: float32 within blocks, float64 across."""
     n = flat.numel()
     full = n - n % _ROW
@@ -241,7 +241,7 @@ def _squares(flat: torch.Tensor) -> torch.Tensor:
     return total  # type: ignore[return-value]
 
 
-def _checked(flat: torch.Tensor, total: float) -> float:
+def norm_from_squares(flat: torch.Tensor, total: float) -> float:
     """The norm from a sum of squares, taken again in float64 where float32 squares may
     have underflowed (tiny gradients) or overflowed (finite values above 1e19)."""
     norm = math.sqrt(total) if total >= 0 else math.nan
@@ -331,81 +331,6 @@ def scale_factor(before: Any, after: Any) -> float | None:
     c = float((a[mask] / b[mask]).median())
     tolerance = 1e-6 * float(a.abs().max()) + 1e-30
     return c if float((a - c * b).abs().max()) <= tolerance else None
-
-
-# --- full statistics ------------------------------------------------------------------------
-
-
-def summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
-    """Full statistics of many tensors: norm, mean, std, range, NaN/Inf counts and the
-    share of zeros, with one host sync per device (NaN/Inf take a masked second pass)."""
-    rows: list[TensorSummary | None] = [None] * len(tensors)
-    todo: dict[torch.device, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    for i, t in enumerate(tensors):
-        v, note = computable(t)
-        if v is None:
-            rows[i] = norm_summary(t, None, note)
-        elif v.numel() == 0:
-            rows[i] = norm_summary(t, 0.0, note or "empty")
-        else:
-            flat = _flat_real(v)
-            lo, hi = torch.aminmax(flat)
-            std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
-            nonzero = torch.count_nonzero(flat).to(flat.dtype)
-            parts = [x.double() for x in (flat.sum(), std, lo, hi, nonzero)]
-            stack = torch.stack([_squares(flat), *parts])
-            todo.setdefault(flat.device, []).append((i, flat, stack))
-    for items in todo.values():
-        table = torch.stack([s for _, _, s in items]).tolist()
-        for (i, flat, _), (squares, total, std, lo, hi, nonzero) in zip(items, table):
-            t, n = tensors[i], flat.numel()
-            note = computable(t)[1]
-            if not all(map(math.isfinite, (squares, total, lo, hi))):
-                rows[i] = _masked_summary(t, flat, note)
-                continue
-            rows[i] = TensorSummary(
-                shape_of(t),
-                dtype_name(t.dtype),
-                numel_of(t),
-                _checked(flat, squares),
-                mean=total / n,
-                std=std,
-                min=lo,
-                max=hi,
-                nan=0,
-                inf=0,
-                zero_fraction=(n - nonzero) / n,
-                note=note,
-            )
-    return rows  # type: ignore[return-value]
-
-
-def _masked_summary(t: torch.Tensor, flat: torch.Tensor, note: str) -> TensorSummary:
-    """Statistics of a tensor holding NaN or Inf: counts them, leaves them out of the rest."""
-    finite = torch.isfinite(flat)
-    nan = int(torch.isnan(flat).sum())
-    inf = int((~finite).sum()) - nan
-    clean = flat[finite]
-    n = flat.numel()
-    stats = [float(clean.mean()), float(clean.std()) if clean.numel() > 1 else 0.0]
-    lo_hi = [float(clean.min()), float(clean.max())] if clean.numel() else [math.nan] * 2
-    zeros = int((flat == 0).sum()) / n
-    norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
-    mean, std = stats if clean.numel() else (math.nan, math.nan)
-    return TensorSummary(
-        shape_of(t),
-        dtype_name(t.dtype),
-        numel_of(t),
-        norm,
-        mean=mean,
-        std=std,
-        min=lo_hi[0],
-        max=lo_hi[1],
-        nan=nan,
-        inf=inf,
-        zero_fraction=zeros,
-        note=note,
-    )
 
 
 # --- numbers --------------------------------------------------------------------------------

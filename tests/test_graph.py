@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from gradmagic.capture.flow import FlowRecorder
-from gradmagic.capture.modules import ModuleSpans
 from gradmagic.graph import GraphSnapshot, graph, to_digraph
+from gradmagic.graph.modules import ModuleSpans
 from gradmagic.graph.snapshot import snapshot
 
 

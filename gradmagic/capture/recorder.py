@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from .. import _engine, stats
+from ..graph.modules import ModuleSpans
 from ..graph.snapshot import snapshot
 from ..history import History, default_history
 from ..options import Options
 from ..records import BackwardRecord, BlockRecord, Change, LeafRecord
 from .flow import FlowRecorder
 from .leaves import Edit, LeafTrack
-from .modules import ModuleCalls, ModuleSpans
+from .modules import ModuleCalls
 from .names import CreatedLeafNames, may_run_user_code
 
 # The recorders of the blocks running now, innermost last: the engine wrapper and the

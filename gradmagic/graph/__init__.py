@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .data import Edge, GraphNode, GraphSnapshot, ModuleCall
+from .modules import ModuleSpans
 from .snapshot import snapshot  # the function: it replaces the submodule's name here
 
 __all__ = [
@@ -32,8 +33,4 @@ def __getattr__(name: str) -> Any:
         from . import draw
 
         return getattr(draw, name)
-    if name == "ModuleSpans":
-        from ..capture.modules import ModuleSpans
-
-        return ModuleSpans
     raise AttributeError(name)

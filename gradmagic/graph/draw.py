@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..capture.modules import ModuleSpans
 from .data import Edge, GraphNode, GraphSnapshot, flow_text
+from .modules import ModuleSpans
 from .snapshot import gc_paused, snapshot, start_node
 
 _MAX_SAVED_LINES = 4  # saved values shown per op; the rest is counted

@@ -13,6 +13,7 @@ from .. import _engine, stats
 from ..findings import Finding, findings_for
 from ..records import BlockRecord, Change, LeafRecord, OptimizerSteps, rows
 from .plot import GradientFlow, gradient_flow
+from .statistics import summaries
 
 # Rows drawn in HTML and text; `rep.table` always has them all. Problem rows come first.
 MAX_SHOWN_ROWS = 200
@@ -146,7 +147,7 @@ def complete_statistics(block: BlockRecord) -> None:
     with _engine.quiet():
         now = stats.read_values([g for _, g in todo], 0, False)
         current = [(r, g) for (r, g), value in zip(todo, now) if stats.same(value, r.end)]
-        full = stats.summaries([g for _, g in current])
+        full = summaries([g for _, g in current])
     for (r, _), summary in zip(current, full):
         for attr in ("after", "used", "end", "added", "before"):
             value = getattr(r, attr)
