@@ -47,7 +47,11 @@ class LeafRecord:
     added_known: bool = True  # False where a change between backwards hides it
     used: Any = None  # what the last optimizer step used, when `stepped`
     stepped: bool = False  # a step came after the last backward and used its gradient
-    end: Any = None  # when the block ended
+    end: Any = None  # when the block ended, where read (`end_read`)
+    # Read at the end: every None and every small gradient. A large one is not read again
+    # (that is a pass over it): `latest` is then the last value read.
+    end_read: bool = False
+    latest: Any = None
     later: list[Change] = field(default_factory=list)  # changes after the last backward
     # How it got there.
     backwards: int = 0  # backwards that added to it
@@ -66,7 +70,6 @@ class LeafRecord:
     in_graph: bool = False  # some backward's graph reached it (it may not have been asked for)
     nested_only: bool = False  # first reached by a backward inside a backward (a checkpoint's)
     internal: bool = False  # a leaf torch made for itself and dropped (not a row)
-    before_batchnorm: bool = False  # feeds a BatchNorm in every use: its gradient is ~0
     status: str = ""
     runs: int = 0
     owner: str | None = None  # variable of the module holding it (`model`)

@@ -4,10 +4,12 @@ A gradient read by gradmagic is a *value*: None (no `.grad`), an exact copy
 (tensors of at most `values` elements, or every tensor with `copies=True`), or
 a `TensorSummary` (large tensors: the norm when read, full statistics when
 asked). Two readings are compared by content (`same`), never by identity or
-`_version`. Norms are summed in float64 over blocks of 64K elements, so a large
-float32 gradient's norm is right to about 1e-7 and a non-zero gradient never
-has norm 0. Tensors whose values cannot be read (meta, fake, tensor
-subclasses that dispatch in Python) are summaries with `norm=None` and a note.
+`_version`: copies bit for bit, summaries by their norm to `SAME_NORM`. Norms are
+summed in float64 over blocks of 1M elements (BLAS's dot within a block), so a
+large float32 gradient's norm is right to about 2e-6, and a non-zero gradient
+never has norm 0 (tiny ones are taken again in float64). Tensors whose values
+cannot be read (meta, fake, tensor subclasses that dispatch in Python) are
+summaries with `norm=None` and a note.
 
 Callers run these functions inside `capture._engine.quiet()`, out of the
 user's dispatch modes.
@@ -25,7 +27,10 @@ from typing import Any
 import torch
 
 DEFAULT_VALUES = 16
-_ROW = 1 << 16  # elements per block of a norm: float32 within a block, float64 across
+_BLOCK = 1 << 20  # elements per block of a norm: BLAS's float32 dot within, float64 across
+# Two norms of one content can differ in their last bits (BLAS rounds by memory alignment):
+# summaries closer than this, relative, hold the same content.
+SAME_NORM = 1e-6
 _BY_LIST_UNTIL = 64  # elements: up to here, numbers read with `tolist()` beat a kernel
 
 
@@ -33,8 +38,9 @@ _BY_LIST_UNTIL = 64  # elements: up to here, numbers read with `tolist()` beat a
 class TensorSummary:
     """Statistics of one tensor too large to copy. `str()` gives the one-line summary.
 
-    `norm is None` means its values were not read (`note` says why); only the
-    norm is known until full statistics are taken (`mean is None`).
+    `norm is None` means its values were not read (`note` says why: "no values
+    (meta)", "not measured (...)"); only the norm is known until full statistics
+    are taken (`mean is None`).
     """
 
     shape: tuple[int, ...] | None
@@ -66,7 +72,7 @@ class TensorSummary:
 
     def __str__(self) -> str:
         if self.norm is None:
-            return f"n={self.numel:,} no values ({self.note})"
+            return f"n={self.numel:,} {self.note}"
         parts = [f"n={self.numel:,}", f"‖g‖={_num(self.norm)}"]
         if self.mean is not None:
             parts.append(f"x∈[{_num(self.min)}, {_num(self.max)}]")
@@ -107,14 +113,21 @@ def _plain_class(cls: type) -> bool:
     return getattr(cls, "__torch_dispatch__", None) is torch.Tensor.__torch_dispatch__
 
 
+_PARAMETER = torch.nn.Parameter
+_STRIDED = torch.strided
+
+
 def computable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """A plain tensor holding `t`'s values (detached, no copy where possible) and a note;
     None and the reason where its values cannot be read without running user code
     or a collective."""
+    cls = type(t)
+    plain = (cls is torch.Tensor or cls is _PARAMETER) and t.layout is _STRIDED
+    if plain and not (t.is_meta or t.is_nested):  # the common case, in every hook
+        return t.detach(), ""
     if t.is_meta:
         return None, "meta"
     note = ""
-    cls = type(t)
     if cls.__name__ == "DTensor" and hasattr(t, "to_local"):
         t, note = t.to_local(), "this rank's shard"  # the full tensor needs a collective
     elif not _plain_class(cls):
@@ -155,14 +168,24 @@ def read_values(tensors: Sequence[torch.Tensor | None], keep: int, copies: bool)
         if t is None:
             continue
         v, note = computable(t)
-        if v is not None and note in ("", "sparse") and (copies or numel_of(t) <= keep):
+        if v is None or note not in ("", "sparse"):
+            large.append((i, t, v, note))
+        elif not note and (copies or v.numel() <= keep):
+            out[i] = v.clone()
+        elif note and (copies or numel_of(t) <= keep):
             out[i] = t.detach().clone()  # a sparse gradient stays sparse
         else:
             large.append((i, t, v, note))
     found = norms([v for _, _, v, _ in large])
-    for (i, t, _, note), norm in zip(large, found):
-        out[i] = TensorSummary(shape_of(t), dtype_name(t.dtype), numel_of(t), norm, note=note)
+    for (i, t, v, note), norm in zip(large, found):
+        said = f"no values ({note})" if v is None else note
+        out[i] = TensorSummary(shape_of(t), dtype_name(t.dtype), numel_of(t), norm, note=said)
     return out
+
+
+def not_measured(t: torch.Tensor, why: str) -> TensorSummary:
+    """A value gradmagic chose not to read (it would cost a pass over a large tensor)."""
+    return TensorSummary(shape_of(t), dtype_name(t.dtype), numel_of(t), None, note=why)
 
 
 def norm_summary(t: torch.Tensor, norm: float | None, note: str = "") -> TensorSummary:
@@ -195,16 +218,16 @@ def norms(tensors: Sequence[torch.Tensor | None]) -> list[float | None]:
         if v.numel() == 0:
             out[i] = 0.0
             continue
-        if v.is_cpu and v.numel() <= _BY_LIST_UNTIL and v.layout == torch.strided:
-            out[i] = _norm_of_numbers(flat_list(v.tolist()))
+        if v.is_cpu and v.numel() <= _BY_LIST_UNTIL and v.layout is _STRIDED:
+            out[i] = _norm_of_numbers(v.reshape(-1).tolist())
             continue
         flat = flat_real(v)
-        pending.setdefault(flat.device, []).append((i, flat, sum_of_squares(flat)))
-    for items in pending.values():
-        if len(items) == 1:
-            sums = [float(items[0][2])]
+        if flat.is_cpu:  # no host sync to save: each read at once
+            out[i] = norm_from_squares(flat, float(sum_of_squares(flat)))
         else:
-            sums = torch.stack([s for _, _, s in items]).tolist()
+            pending.setdefault(flat.device, []).append((i, flat, sum_of_squares(flat)))
+    for items in pending.values():
+        sums = torch.stack([s for _, _, s in items]).tolist()
         for (i, flat, _), total in zip(items, sums):
             out[i] = norm_from_squares(flat, total)
     return out
@@ -212,13 +235,16 @@ def norms(tensors: Sequence[torch.Tensor | None]) -> list[float | None]:
 
 def _norm_of_numbers(numbers: list[Any]) -> float:
     """Norm of `tolist()` numbers, NaN and Inf as torch says them (NaN wins)."""
-    values = [abs(v) for v in numbers]
-    if any(v != v for v in values):
+    if numbers and isinstance(numbers[0], complex):
+        numbers = [abs(v) for v in numbers]
+    norm = math.hypot(*numbers)  # scaled inside: no underflow, no overflow
+    if not math.isfinite(norm) and any(v != v for v in numbers):
         return math.nan
-    return math.hypot(*values)
+    return norm
 
 
 def flat_real(v: torch.Tensor) -> torch.Tensor:
+    """A 1-D float32 or float64 tensor of `v`'s magnitudes (a copy only where needed)."""
     flat = v.reshape(-1)
     if flat.is_complex():
         flat = flat.abs()
@@ -228,17 +254,12 @@ def flat_real(v: torch.Tensor) -> torch.Tensor:
 
 
 def sum_of_squares(flat: torch.Tensor) -> torch.Tensor:
-    """The sum of squares as a 0-dim float64 tensor: float32 within blocks, float64 across."""
-    n = flat.numel()
-    full = n - n % _ROW
-    total = None
-    if full:
-        rows = torch.linalg.vector_norm(flat[:full].view(-1, _ROW), dim=1).double()
-        total = rows.square().sum()
-    if n > full:
-        rest = torch.linalg.vector_norm(flat[full:]).double().square()
-        total = rest if total is None else total + rest
-    return total  # type: ignore[return-value]
+    """The sum of squares of a flat real tensor as a 0-dim float64 tensor: a dot product
+    per block of `_BLOCK` elements (memory-bound, threaded), the blocks summed in float64."""
+    if flat.numel() <= _BLOCK:
+        return torch.dot(flat, flat).double()
+    blocks = [torch.dot(block, block) for block in flat.split(_BLOCK)]
+    return torch.stack(blocks).double().sum()
 
 
 def norm_from_squares(flat: torch.Tensor, total: float) -> float:
@@ -266,22 +287,36 @@ def same(a: Any, b: Any) -> bool | None:
             return False
         if a.layout != torch.strided:
             a, b = a.to_dense(), b.to_dense()
-        if a.is_floating_point() or a.is_complex():
+        if torch.equal(a, b):
+            return True
+        if a.is_floating_point() or a.is_complex():  # NaN where the other has NaN too
             return bool(((a == b) | (a.isnan() & b.isnan())).all())
-        return bool(torch.equal(a, b))
+        return False
     if isinstance(a, TensorSummary) and isinstance(b, TensorSummary):
         if a.norm is None or b.norm is None:
             return None
         if a.shape != b.shape:
             return False
-        return a.norm == b.norm or (math.isnan(a.norm) and math.isnan(b.norm))
+        if a.norm == b.norm or (math.isnan(a.norm) and math.isnan(b.norm)):
+            return True
+        return abs(a.norm - b.norm) <= SAME_NORM * max(abs(a.norm), abs(b.norm))
     return False
+
+
+def _small_numbers(v: torch.Tensor) -> list[Any] | None:
+    """The numbers of a small dense CPU tensor (reading them beats a kernel), else None."""
+    if v.is_cpu and v.layout is _STRIDED and v.numel() <= _BY_LIST_UNTIL:
+        return v.reshape(-1).tolist()
+    return None
 
 
 def is_zero(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         v, _ = computable(value)
-        return v is not None and v.numel() > 0 and not bool(v.any())
+        if v is None or v.numel() == 0:
+            return False
+        numbers = _small_numbers(v)
+        return not any(numbers) if numbers is not None else not bool(v.any())
     if isinstance(value, TensorSummary):
         return value.is_zero
     return False
@@ -295,7 +330,12 @@ def is_empty(value: Any) -> bool:
 def nonfinite(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         v, _ = computable(value)
-        return v is not None and v.numel() > 0 and not bool(torch.isfinite(v).all())
+        if v is None or v.numel() == 0:
+            return False
+        numbers = _small_numbers(v)
+        if numbers is not None:
+            return not finite_numbers(numbers)
+        return not bool(torch.isfinite(v).all())
     if isinstance(value, TensorSummary):
         return value.nonfinite
     return False

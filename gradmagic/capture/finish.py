@@ -27,7 +27,6 @@ def finish(recorder: Any) -> None:
     namer = Namer(namespace)
     _add_expected(recorder, namer)
     _drop_internal(recorder)
-    _mark_before_batchnorm(recorder)
     _name_leaves(recorder, namer)
     _place_leaves(recorder, namer, namespace)
     run = recorder.history.new_run() if recorder.leaves else recorder.history.cell_runs
@@ -43,13 +42,14 @@ def finish(recorder: Any) -> None:
         backwards=recorder.records,
         steps=_steps(recorder, namer, namespace),
         events=_events(recorder, namespace),
-        modules=_modules(recorder, namespace),
+        modules=_modules(recorder, namer),
         nonleaf_grad_reads=_nonleaf_reads(recorder, namespace),
         unobserved=[_unobserved(reason, n) for reason, n in recorder.unobserved.items()],
         internal_errors=recorder.internal_errors,
     )
     _name_backwards(recorder, namer)
-    _assign_modules(recorder, namer)
+    namer.forget()
+    recorder.module_name = namer.module_name  # ids and names only: for `assign_modules`
     recorder.block = block
 
 
@@ -61,17 +61,26 @@ def _unobserved(reason: str, count: int) -> str:
 
 
 def _read_at_end(recorder: Any) -> None:
-    """What every gradient holds as the block ends (one reading for all)."""
-    live = []
+    """What the gradients hold as the block ends: None and small ones are read (one
+    reading for all); a large one would cost a pass over it, and is not read again."""
+    options = recorder.options
+    live, large = [], []
     for track in recorder._tracks.values():
         leaf = track.record.ref()
-        if leaf is not None and track.seen:
-            live.append((track, leaf))
         track.base_copy = None
-    values = recorder.read([leaf.grad for _, leaf in live])
+        if leaf is None or not track.seen:
+            continue
+        grad = leaf.grad
+        if grad is None or options.copies or stats.numel_of(grad) <= options.values:
+            live.append((track, grad))
+        else:
+            large.append(track)
+    values = recorder.read([grad for _, grad in live])
     clock = recorder.tick()
     for (track, _), value in zip(live, values):
         track.at_end(value, clock, recorder.edits_since(track.last_clock))
+    for track in large:
+        track.at_end(None, clock, [], read=False)
 
 
 def _add_expected(recorder: Any, namer: Namer) -> None:
@@ -106,10 +115,12 @@ def _add_expected(recorder: Any, namer: Namer) -> None:
             continue
         track = recorder.track(leaf)
         if not track.record.in_graph:  # a graph reached it: `inputs=` left it out
-            track.record.expected = True
+            rec = track.record
+            rec.expected = True
             if not track.seen:
                 (value,) = recorder.read([leaf.grad])
-                track.record.before = track.record.end = value
+                rec.before = rec.end = rec.latest = value
+                rec.end_read = True
 
 
 def _name_leaves(recorder: Any, namer: Namer) -> None:
@@ -159,40 +170,6 @@ def _drop_internal(recorder: Any) -> None:
             rec.internal = True
 
 
-_VIEWS = ("View", "Reshape", "Expand", "Squeeze", "Unsqueeze", "Permute", "Transpose", "TBackward")
-
-
-def _feeds_batchnorm(snap: Any, into: dict[int, list[int]], nid: int, hops: int = 4) -> bool:
-    """Whether every use of node `nid` reaches a BatchNorm, through view ops only."""
-    nexts = into.get(nid, [])
-    if not nexts or hops == 0:
-        return False
-    for dst in nexts:
-        op = snap.nodes[dst].op
-        if "BatchNorm" in op:
-            continue
-        if not (any(v in op for v in _VIEWS) and _feeds_batchnorm(snap, into, dst, hops - 1)):
-            return False
-    return True
-
-
-def _mark_before_batchnorm(recorder: Any) -> None:
-    """Leaves every use of which feeds a BatchNorm (through view ops): a bias there is
-    cancelled by the batch mean, and its gradient is zero up to rounding."""
-    for record in recorder.records:
-        snap = record.graph
-        if snap is None or snap.folded:
-            continue
-        into: dict[int, list[int]] = {}
-        for e in snap.edges:
-            into.setdefault(e.src, []).append(e.dst)
-        for n in snap.nodes:
-            if n.kind == "leaf" and n.leaf_key is not None:
-                users = into.get(n.id, [])
-                if users and all(_feeds_batchnorm(snap, into, u) for u in users):
-                    recorder.leaves[n.leaf_key].before_batchnorm = True
-
-
 def _settle(recorder: Any, rec: LeafRecord) -> None:
     """Where `before` came from, the status word and the run count."""
     leaf = rec.ref()
@@ -235,7 +212,7 @@ def _remember(recorder: Any, run: int) -> None:
         leaf = rec.ref()
         if leaf is None or rec.backwards == 0:
             continue
-        values = [_comparable(v) for v in (rec.before, rec.after, rec.added, rec.end)]
+        values = [_comparable(v) for v in (rec.before, rec.after, rec.added, rec.latest)]
         entry = RunEntry(run, *values[:3], rec.status, rec.runs)
         recorder.history.record(leaf, entry, values[3])
 
@@ -261,19 +238,20 @@ def _name_backwards(recorder: Any, namer: Namer) -> None:
         record._root_refs, record._input_refs = [], []
 
 
-def _assign_modules(recorder: Any, namer: Namer) -> None:
-    """Which module call made each op, for the drawing."""
+def assign_modules(recorder: Any) -> None:
+    """Which module call made each op, for the drawing: when a report is built, not at
+    every block's end (a loop of watched steps that builds none never pays for it)."""
     spans, recorder.module_spans = recorder.module_spans, None
-    if spans is None:
+    if spans is None or recorder.block is None:
         return
     seen: set[int] = set()
     drawn = []
-    for record in recorder.records:
+    for record in recorder.block.backwards:
         snap = record.graph
         if snap is not None and not snap.folded and id(snap) not in seen:
             seen.add(id(snap))
             drawn.append(snap)
-    spans.assign(drawn, module_name=namer.module_name)
+    spans.assign(drawn, module_name=recorder.module_name)
 
 
 def _variable(namespace: Mapping[str, Any], obj: Any) -> str | None:
@@ -293,16 +271,23 @@ def _steps(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> list[Op
         optimizer = live.ref()
         items = [(item, item.ref()) for item in live.params.values()]
         items = [(item, p) for item, p in items if p is not None]
-        ends = recorder.read([p for _, p in items])
+        # Parameters copied before the first step are read again; the others would cost
+        # a pass over the model at every block.
+        measured = [item.before is not None or item.first_copy is not None for item, _ in items]
+        ends = recorder.read([p if m else None for (_, p), m in zip(items, measured)])
+        ends = [
+            end if m else stats.not_measured(p, "not measured (past the copy budget)")
+            for (_, p), end, m in zip(items, ends, measured)
+        ]
         params = []
         for i, ((item, p), end) in enumerate(zip(items, ends)):
             name = rows.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
             step = ParamStep(name, stats.shape_of(p), item.grad, item.before, end, None, item.steps)
             step.ref = item.ref
             step.moved_after_step = item.steps > 0 and p._version != item.version
-            if isinstance(item.before, torch.Tensor) and isinstance(end, torch.Tensor):
-                step.change = end - item.before if end.shape == item.before.shape else None
-            elif item.first_copy is not None:
+            # The change of a small parameter is `after - before`, both copies: the report
+            # works it out. A large one needs the parameter itself, now.
+            if item.first_copy is not None:
                 first = item.first_copy
                 if first.shape == p.shape:
                     step.change = stats.norms([p.detach() - first])[0]
@@ -347,19 +332,19 @@ def _events(recorder: Any, namespace: Mapping[str, Any]) -> list[EditEvent]:
     return events
 
 
-def _modules(recorder: Any, namespace: Mapping[str, Any]) -> list[ModuleFact]:
+def _modules(recorder: Any, namer: Namer) -> list[ModuleFact]:
     keys: dict[str, list[int]] = {}
     for rec in recorder.leaves:
         if rec.owner:
             keys.setdefault(rec.owner, []).append(rec.key)
     facts = []
     for name, leaf_keys in keys.items():
-        module = namespace.get(name)
-        if not isinstance(module, nn.Module):
+        modules = namer.submodules(name)
+        if not modules:
             continue
-        modules, _ = _engine.module_tree(module)
-        saturating = sum(isinstance(m, SATURATING) for _, m in modules)
-        facts.append(ModuleFact(name, module in recorder.module_calls, saturating, leaf_keys))
+        saturating = sum(isinstance(m, SATURATING) for m in modules)
+        ran = modules[0] in recorder.module_calls
+        facts.append(ModuleFact(name, ran, saturating, leaf_keys))
     return facts
 
 

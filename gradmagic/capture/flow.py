@@ -32,7 +32,8 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
         return None, True
     if v.numel() <= values:
         listed = v.tolist()
-        return listed, stats.finite_numbers(stats.flat_list(listed))
+        flat = listed if v.dim() <= 1 else v.reshape(-1).tolist()
+        return listed, stats.finite_numbers(flat if isinstance(flat, list) else [flat])
     (norm,) = stats.norms([v])
     return ("norm", norm), norm is not None and math.isfinite(norm)
 
@@ -55,11 +56,15 @@ class FlowRecorder:
         budget: int = 150,
         values: int = 16,
         errors: list[str] | None = None,
+        from_readings: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self.snap = snap
         self.budget = budget
         self.values = values
         self.errors = errors if errors is not None else []
+        # Leaf nodes not hooked: what they receive is read from their `.grad` (`derive`).
+        self.from_readings = from_readings
+        self.active = False
         self._live: LiveNodes | None = live_nodes
         self._handles: list[Any] = []
         # node -> the inputs its edges arrive at; None for a root: whatever it is handed
@@ -73,9 +78,12 @@ class FlowRecorder:
         ports: dict[int, set[int]] = {}
         for e in snap.edges:
             ports.setdefault(e.src, set()).add(e.port)
-        self._ports = {nid: tuple(sorted(p)) for nid, p in ports.items()}
+        self._ports = {
+            nid: tuple(sorted(p)) for nid, p in ports.items() if nid not in self.from_readings
+        }
         for nid in snap.roots:  # what the backward starts from: its `gradient=`
             self._ports.setdefault(nid, None)
+        self.active = True
         record = self._record
         try:
             for nid in self._ports:
@@ -92,6 +100,23 @@ class FlowRecorder:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
+
+    def derive(self, nid: int, value: Any) -> None:
+        """What leaf node `nid` received, from its `.grad` right after the backward: the
+        same tensor when the gradient was empty before it (see `Recorder._unhooked`)."""
+        if not self.active or value is None:
+            return
+        if isinstance(value, torch.Tensor):
+            label, finite = _flow_value(value, self.values)
+        else:
+            norm = value.norm
+            label, finite = ("norm", norm), norm is None or math.isfinite(norm)
+            if norm is None:
+                return
+        self.snap.flow_in[(nid, 0)] = label
+        self.snap.flow_order.append(nid)
+        if not finite:
+            self.snap.flow_nonfinite.append(nid)
 
     def _record(self, nid: int, grad_outputs: tuple) -> None:
         try:

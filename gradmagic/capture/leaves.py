@@ -79,7 +79,8 @@ class LeafTrack:
         "from_before",
         "run_changed",
         "run_summed",
-        "run_structures",
+        "run_graphs",
+        "summed_graphs",
         "consumed",
         "leaf_id",
     )
@@ -95,7 +96,10 @@ class LeafTrack:
         self.from_before = True  # the current run started from the block's `before`
         self.run_changed = False  # a change that was not an emptying, inside the run
         self.run_summed = 0
-        self.run_structures: set[Any] = set()
+        # The graphs of the run's backwards, by id: how many distinct structures they have is
+        # worked out when the block closes (hashing a graph costs; one backward never does).
+        self.run_graphs: dict[int, Any] = {}
+        self.summed_graphs: dict[int, Any] = {}  # the run's graphs as of the last backward
         self.consumed = False  # a step used the current gradient
         self.leaf_id = 0  # id() of the leaf, to match the tensors an edit call touched
 
@@ -110,7 +114,7 @@ class LeafTrack:
                 rec.emptied += 1
                 self.base, self.base_copy, self.from_before = value, None, False
                 self.run_changed, self.run_summed, self.consumed = False, 0, False
-                self.run_structures = set()
+                self.run_graphs = {}
             else:
                 self.run_changed = True
         self.seen = True
@@ -127,7 +131,7 @@ class LeafTrack:
         self._reading(value, clock, edits, "before the next backward")
         return False
 
-    def after_backward(self, value: Any, ok: bool, structure: Any, clock: int) -> bool:
+    def after_backward(self, value: Any, ok: bool, graph: Any, clock: int) -> bool:
         """The reading right after a backward; False when it added nothing (it raised
         before reaching this leaf)."""
         rec = self.record
@@ -138,8 +142,9 @@ class LeafTrack:
                 return False
         rec.backwards += 1
         self.run_summed += 1
-        self.run_structures.add(structure)
-        rec.summed, rec.summed_structures = self.run_summed, len(self.run_structures)
+        self.run_graphs[id(graph)] = graph
+        self.summed_graphs = self.run_graphs  # the same dict until the run starts over
+        rec.summed = self.run_summed
         rec.after, rec.later, rec.stepped, rec.used = value, [], False, None
         rec.stale_start = self.from_before and not stats.is_empty(rec.before)
         self.last, self.last_clock = value, clock
@@ -173,6 +178,19 @@ class LeafTrack:
             rec.cycles.append(self.run_summed)
         rec.used, rec.stepped = value, True
 
-    def at_end(self, value: Any, clock: int, edits: list[Edit]) -> None:
-        self._reading(value, clock, edits, "by the end of the block")
-        self.record.end = value
+    def summed_structures(self) -> int:
+        """Distinct graph structures among the backwards summed into the current gradient."""
+        graphs = [g for g in self.summed_graphs.values() if g is not None]
+        if len(graphs) <= 1:
+            return len(self.summed_graphs)
+        return len({(g.repeat_of or g).structure for g in graphs})
+
+    def at_end(self, value: Any, clock: int, edits: list[Edit], read: bool = True) -> None:
+        """The block ended: `value` when it was read; otherwise only the last reading is
+        known (`latest`), and nothing is said of what came after it."""
+        rec = self.record
+        if read:
+            self._reading(value, clock, edits, "by the end of the block")
+            rec.end, rec.end_read = value, True
+        rec.latest = self.last
+        rec.summed_structures = self.summed_structures()

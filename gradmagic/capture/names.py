@@ -48,6 +48,9 @@ class Namer:
         self._rank: dict[int, int] = {}
         self._order: dict[int, int] = {}
         self._module_params: dict[str, list[int]] = {}  # module variable -> its parameters' ids
+        self._trees: dict[
+            str, list[nn.Module]
+        ] = {}  # module variable -> its modules (while scanning)
         # Scanned at the first lookup: a block with nothing to name costs nothing.
         self._pending = namespace or None
 
@@ -77,6 +80,7 @@ class Namer:
 
     def _add_module(self, module: nn.Module, prefix: str) -> list[int]:
         modules, params = module_tree(module, prefix)
+        self._trees[prefix] = [sub for _, sub in modules]
         for name, sub in modules:
             self._modules.setdefault(id(sub), name)
         for name, param in params:
@@ -128,6 +132,14 @@ class Namer:
     def module_parameters(self) -> dict[str, list[int]]:
         """The ids of the parameters of every module the namespace holds, by its name."""
         return self._scanned()._module_params
+
+    def submodules(self, name: str) -> list[nn.Module]:
+        """The modules inside the module the variable `name` holds (held until `forget()`)."""
+        return self._scanned()._trees.get(name, [])
+
+    def forget(self) -> None:
+        """Drop the module references: a namer kept for later holds ids and names only."""
+        self._trees = {}
 
     def module_name(self, module: nn.Module) -> str | None:
         return self._scanned()._modules.get(id(module))

@@ -72,6 +72,7 @@ class Recorder:
         self._pending: list[tuple[torch.Tensor, LeafTrack]] = []
         self._scaled: dict[int, tuple[weakref.ref, float]] = {}  # id(loss) -> GradScaler scale
         self.scaler_stepping = 0  # inside `GradScaler.step`
+        self._flow: tuple[FlowRecorder, dict[int, LeafTrack]] | None = None
         self._report = None
         self.created_names = CreatedLeafNames(
             on_name=self._named_in_frame,
@@ -79,6 +80,7 @@ class Recorder:
             errors=self.internal_errors,
         )
         self.module_spans = ModuleSpans() if self.options.graph else None
+        self.module_name: Callable[[Any], str | None] | None = None  # set when the block closes
         self.module_calls = ModuleCalls(self.created_names, self.module_spans, self.internal_errors)
         self.steps = OptimizerStepProbe(self)
         self.warnings = WarningProbe(self.internal_errors)
@@ -308,14 +310,41 @@ class Recorder:
         self._before(targets)  # a `torch.autograd.grad` call's inputs too: their rows show it
         if not self.options.graph:
             return record, nullcontext()
+        unhooked = self._unhooked(snap, found) if call.accumulate_grad else {}
         flow = FlowRecorder(
             snap,
             live,
             budget=self.options.flow_budget,
             values=self.options.values,
             errors=self.internal_errors,
+            from_readings=frozenset(unhooked),
         )
+        self._flow = (flow, unhooked)
         return record, flow
+
+    def _unhooked(
+        self, snap: Any, found: list[tuple[torch.Tensor, LeafTrack]]
+    ) -> dict[int, LeafTrack]:
+        """Leaf nodes whose flow label is their `.grad` after the backward, no hook needed:
+        an empty gradient before it (so `.grad` becomes exactly what arrived), one edge in,
+        and nothing that changes `.grad` after accumulating (a Python post-accumulate
+        hook; DDP and FSDP do it from C++, so never under torch.distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return {}
+        fan_in: dict[int, int] = {}
+        for e in snap.edges:
+            fan_in[e.src] = fan_in.get(e.src, 0) + 1
+        tracks = {track.record.key: (leaf, track) for leaf, track in found}
+        out = {}
+        for n in snap.nodes:
+            if n.kind != "leaf" or fan_in.get(n.id) != 1 or n.leaf_key not in tracks:
+                continue
+            leaf, track = tracks[n.leaf_key]
+            if getattr(leaf, "_post_accumulate_grad_hooks", None):
+                continue
+            if track.last is None or stats.is_zero(track.last):
+                out[n.id] = track
+        return out
 
     def _before(self, targets: list[tuple[torch.Tensor, LeafTrack]]) -> None:
         """Read each target's `.grad` before the engine adds to it."""
@@ -345,9 +374,15 @@ class Recorder:
         values = self.read([t.grad for t, _ in pending])
         clock = self.tick()
         snap = record.graph
-        structure = (snap.repeat_of or snap).structure if snap is not None else None
+
+        flow, unhooked = self._flow if self._flow is not None else (None, {})
+        self._flow = None
+        after = {id(track): value for (_, track), value in zip(pending, values)}
+        for nid, track in unhooked.items():
+            if ok and id(track) in after:
+                flow.derive(nid, after[id(track)])
         for (t, track), value in zip(pending, values):
-            if not track.after_backward(value, ok, structure, clock):
+            if not track.after_backward(value, ok, snap, clock):
                 continue
             difference = None
             if track.base_copy is not None and not isinstance(value, torch.Tensor):
@@ -416,5 +451,8 @@ class Recorder:
             self.close()
             if self.block is None:
                 raise RuntimeError(f"gradmagic could not record this block: {self.internal_errors}")
+            from .finish import assign_modules
+
+            self.guard(assign_modules, self)
             self._report = REPORT_BUILDER[0](self.block)
         return self._report

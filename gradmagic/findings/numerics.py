@@ -86,6 +86,42 @@ def nan_inf(block: BlockRecord) -> Iterator[Finding]:
     )
 
 
+_VIEWS = ("View", "Reshape", "Expand", "Squeeze", "Unsqueeze", "Permute", "Transpose", "TBackward")
+
+
+def _feeds_batchnorm(snap: Any, into: dict[int, list[int]], nid: int, hops: int = 4) -> bool:
+    """Whether every use of node `nid` reaches a BatchNorm, through view ops only."""
+    nexts = into.get(nid, [])
+    if not nexts or hops == 0:
+        return False
+    for dst in nexts:
+        op = snap.nodes[dst].op
+        if "BatchNorm" in op:
+            continue
+        if not (any(v in op for v in _VIEWS) and _feeds_batchnorm(snap, into, dst, hops - 1)):
+            return False
+    return True
+
+
+def _before_batchnorm(block: BlockRecord) -> set[int]:
+    """Keys of the leaves every use of which feeds a BatchNorm (through view ops): a bias
+    there is cancelled by the batch mean, and its gradient is zero up to rounding."""
+    keys: set[int] = set()
+    for record in block.backwards:
+        snap = record.graph
+        if snap is None or snap.folded:
+            continue
+        into: dict[int, list[int]] = {}
+        for e in snap.edges:
+            into.setdefault(e.src, []).append(e.dst)
+        for n in snap.nodes:
+            if n.kind == "leaf" and n.leaf_key is not None:
+                users = into.get(n.id, [])
+                if users and all(_feeds_batchnorm(snap, into, u) for u in users):
+                    keys.add(n.leaf_key)
+    return keys
+
+
 @dataclass
 class _Layer:
     """A module's own parameters (`model.3`): their joint gradient norm and row names."""
@@ -169,11 +205,13 @@ def vanishing_exploding(block: BlockRecord) -> Iterator[Finding]:
                 tuple(high.rows + low.rows),
             )
     small, large, cancelled = [], [], []
+    tiny = any(0 < n < options.vanish for n in norms.values())
+    before_batchnorm = _before_batchnorm(block) if tiny else set()
     for r in shown:
         n = norms.get(r.key)
         if r.name in covered or n is None:
             continue
-        if n < options.vanish and r.before_batchnorm:
+        if n < options.vanish and r.key in before_batchnorm:
             cancelled.append((r.name, n))
         elif 0 < n < options.vanish:
             small.append((r.name, n))

@@ -29,7 +29,8 @@ class LeafRow:
     after the last one; `added`: what the backwards since it was last empty
     added; `then`: changes after the last backward (a clip, an unscale, a
     zeroing); `used`: what the last optimizer step used, when `stepped`; `end`:
-    when the block ended. `tensor()` is the leaf itself, while it lives.
+    when the block ended (`end_read`: large gradients are not read again then).
+    `tensor()` is the leaf itself, while it lives.
     """
 
     name: str
@@ -49,6 +50,7 @@ class LeafRow:
     end: Any = None
     added_known: bool = True
     _ref: Any = field(default=None, repr=False)
+    end_read: bool = True  # False: a large gradient not read again when the block ended
 
     def tensor(self) -> torch.Tensor | None:
         return self._ref() if self._ref is not None else None
@@ -73,6 +75,7 @@ class LeafRow:
             r.end,
             r.added_known,
             r.ref if isinstance(r.ref, weakref.ref) else None,
+            r.end_read,
         )
 
 
@@ -131,12 +134,14 @@ def distinct_graphs(block: BlockRecord) -> list[tuple[Any, int]]:
 
 def complete_statistics(block: BlockRecord) -> None:
     """Full statistics (range, mean, std, zeros) of large gradients the block read only by
-    their norm, taken now from a gradient whose content is still what the block ended
-    with (same norm); the values of the block's readings stay as they were otherwise."""
+    their norm, taken now from a gradient whose content is still what the block last read
+    (same norm); the values of the block's readings stay as they were otherwise."""
     todo: list[tuple[LeafRecord, torch.Tensor]] = []
     for r in block.leaves:
-        end = r.end
-        if not (isinstance(end, stats.TensorSummary) and end.readable and end.mean is None):
+        latest = r.latest
+        if not (isinstance(latest, stats.TensorSummary) and latest.readable):
+            continue
+        if latest.mean is not None:
             continue
         leaf = r.ref()
         grad = leaf.grad if leaf is not None else None
@@ -146,14 +151,25 @@ def complete_statistics(block: BlockRecord) -> None:
         return
     with _engine.quiet():
         now = stats.read_values([g for _, g in todo], 0, False)
-        current = [(r, g) for (r, g), value in zip(todo, now) if stats.same(value, r.end)]
+        current = [(r, g) for (r, g), value in zip(todo, now) if stats.same(value, r.latest)]
         full = summaries([g for _, g in current])
     for (r, _), summary in zip(current, full):
         for attr in ("after", "used", "end", "added", "before"):
             value = getattr(r, attr)
-            if value is not None and value is not r.end and stats.same(value, r.end):
+            if value is r.latest or (value is not None and stats.same(value, r.latest)):
                 setattr(r, attr, summary)
-        r.end = summary
+        r.latest = summary
+
+
+def complete_changes(block: BlockRecord) -> None:
+    """How far the steps moved each small parameter: its two copies' difference."""
+    with _engine.quiet():
+        for steps in block.steps:
+            for p in steps.params:
+                before, after = p.before, p.after
+                small = isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+                if p.change is None and small and after.shape == before.shape:
+                    p.change = after - before
 
 
 @dataclass
@@ -183,6 +199,7 @@ class GradReport:
     @classmethod
     def from_block(cls, block: BlockRecord) -> GradReport:
         complete_statistics(block)
+        complete_changes(block)
         with _engine.quiet():
             findings = findings_for(block)
             flow = gradient_flow(block)

@@ -29,7 +29,7 @@ def summaries(tensors: Sequence[torch.Tensor]) -> list[TensorSummary]:
     for i, t in enumerate(tensors):
         v, note = computable(t)
         if v is None:
-            rows[i] = norm_summary(t, None, note)
+            rows[i] = norm_summary(t, None, f"no values ({note})")
         elif v.numel() == 0:
             rows[i] = norm_summary(t, 0.0, note or "empty")
         else:
