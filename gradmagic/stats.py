@@ -292,6 +292,16 @@ def same(a: Any, b: Any) -> bool | None:
         if a.is_floating_point() or a.is_complex():  # NaN where the other has NaN too
             return bool(((a == b) | (a.isnan() & b.isnan())).all())
         return False
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+        # A full copy and a norm-only reading (`copies=True` copies after a backward only).
+        copy, summary = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+        if not isinstance(summary, TensorSummary):
+            return False
+        v, _ = computable(copy)
+        a = TensorSummary(
+            shape_of(copy), "", numel_of(copy), norms([v])[0] if v is not None else None
+        )
+        b = summary
     if isinstance(a, TensorSummary) and isinstance(b, TensorSummary):
         if a.norm is None or b.norm is None:
             return None

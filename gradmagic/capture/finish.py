@@ -71,11 +71,11 @@ def _read_at_end(recorder: Any) -> None:
         if leaf is None or not track.seen:
             continue
         grad = leaf.grad
-        if grad is None or options.copies or stats.numel_of(grad) <= options.values:
+        if grad is None or stats.numel_of(grad) <= options.values:
             live.append((track, grad))
         else:
             large.append(track)
-    values = recorder.read([grad for _, grad in live])
+    values = recorder.read([grad for _, grad in live], copies=False)
     clock = recorder.tick()
     for (track, _), value in zip(live, values):
         track.at_end(value, clock, recorder.edits_since(track.last_clock))

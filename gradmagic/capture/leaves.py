@@ -103,8 +103,13 @@ class LeafTrack:
         self.consumed = False  # a step used the current gradient
         self.leaf_id = 0  # id() of the leaf, to match the tensors an edit call touched
 
-    def _reading(self, value: Any, clock: int, edits: list[Edit], when: str) -> None:
-        if self.seen and stats.same(self.last, value) is False:
+    def _reading(self, value: Any, clock: int, edits: list[Edit], when: str) -> Any:
+        """Compare a reading with the last; return the value to keep: the last one's own
+        object when the content is the same (a full copy read as a norm stays the copy)."""
+        same = stats.same(self.last, value) if self.seen else None
+        if same:
+            value = self.last
+        elif same is False:
             rec = self.record
             change, by = classify(self.last, value, edits, self.leaf_id, when)
             rec.later.append(change)
@@ -119,6 +124,7 @@ class LeafTrack:
                 self.run_changed = True
         self.seen = True
         self.last, self.last_clock = value, clock
+        return value
 
     def before_backward(self, value: Any, clock: int, edits: list[Edit]) -> bool:
         """A reading before a backward adds to it. True when the caller should keep an
@@ -168,7 +174,7 @@ class LeafTrack:
 
     def at_step(self, value: Any, clock: int, edits: list[Edit], when: str) -> None:
         """The reading an optimizer step uses."""
-        self._reading(value, clock, edits, when)
+        value = self._reading(value, clock, edits, when)
         rec = self.record
         rec.steps += 1
         if self.consumed:
@@ -190,7 +196,7 @@ class LeafTrack:
         known (`latest`), and nothing is said of what came after it."""
         rec = self.record
         if read:
-            self._reading(value, clock, edits, "by the end of the block")
-            rec.end, rec.end_read = value, True
+            rec.end = self._reading(value, clock, edits, "by the end of the block")
+            rec.end_read = True
         rec.latest = self.last
         rec.summed_structures = self.summed_structures()

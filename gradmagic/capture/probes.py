@@ -124,13 +124,13 @@ class OptimizerStepProbe:
     def _read_step(self, live: LiveOptimizer, stepping: list[torch.Tensor], when: str) -> None:
         """Read the gradients a step uses, as one reading for all of them."""
         recorder = self.recorder
-        values = recorder.read([p.grad for p in stepping])
+        values = recorder.read([p.grad for p in stepping], copies=False)
         clock = recorder.tick()
         for p, value in zip(stepping, values):
             track = recorder.track(p)
             track.at_step(value, clock, recorder.edits_since(track.last_clock), when)
             item = live.params[id(p)]
-            item.grad = value
+            item.grad = track.record.used
             live.stepping.append((item, p))
 
     def _copy_before(self, live: LiveOptimizer, fresh: list[torch.Tensor]) -> None:

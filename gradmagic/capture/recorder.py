@@ -116,11 +116,17 @@ class Recorder:
     def edits_since(self, clock: int) -> list[Edit]:
         return [e for e in self.edits if e.clock > clock]
 
-    def read(self, tensors: list[torch.Tensor | None]) -> list[Any]:
-        """The values of `tensors` now (see `stats.read_values`). Callers hold `quiet()`."""
+    def read(self, tensors: list[torch.Tensor | None], copies: bool | None = None) -> list[Any]:
+        """The values of `tensors` now (see `stats.read_values`). Callers hold `quiet()`.
+
+        `copies=True` (the option) copies gradients right after a backward; other readings
+        (before a step, at the end) copy only small ones, and a content that did not change
+        keeps the copy already made (`LeafTrack._reading`).
+        """
         if not any(t is not None for t in tensors):
             return [None] * len(tensors)
-        return stats.read_values(tensors, self.options.values, self.options.copies)
+        copies = self.options.copies if copies is None else copies
+        return stats.read_values(tensors, self.options.values, copies)
 
     def track(self, leaf: torch.Tensor) -> LeafTrack:
         track = self._tracks.get(id(leaf))
