@@ -1,4 +1,5 @@
-"""`FlowRecorder`: what each node of a small graph received during the backward.
+"""What flowed during a backward (`FlowRecorder`), which leaves need no hook for it
+(`unhooked_leaves`), and the folding of repeated graphs (`RepeatFolder`).
 
 Node *pre*-hooks only: a pre-hook sees a node's incoming gradients and returns
 None, which changes nothing. A post-hook would make the engine keep each node's
@@ -103,7 +104,7 @@ class FlowRecorder:
 
     def derive(self, nid: int, value: Any) -> None:
         """What leaf node `nid` received, from its `.grad` right after the backward: the
-        same tensor when the gradient was empty before it (see `Recorder._unhooked`)."""
+        same tensor when the gradient was empty before it (see `unhooked_leaves`)."""
         if not self.active or value is None:
             return
         if isinstance(value, torch.Tensor):
@@ -137,3 +138,59 @@ class FlowRecorder:
         except Exception as exc:  # noqa: BLE001 - a drawing detail must never break a backward
             self.errors.append(f"flow: {type(exc).__name__}: {exc}")
         return None
+
+
+def unhooked_leaves(snap: GraphSnapshot, found: list[tuple[torch.Tensor, Any]]) -> dict[int, Any]:
+    """Leaf nodes whose flow label is their `.grad` after the backward, no hook needed:
+    an empty gradient before it (so `.grad` becomes exactly what arrived), one edge in,
+    and nothing that changes `.grad` after accumulating (a Python post-accumulate
+    hook; DDP and FSDP do it from C++, so never under torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return {}
+    fan_in: dict[int, int] = {}
+    for e in snap.edges:
+        fan_in[e.src] = fan_in.get(e.src, 0) + 1
+    tracks = {track.record.key: (leaf, track) for leaf, track in found}
+    out = {}
+    for n in snap.nodes:
+        if n.kind != "leaf" or fan_in.get(n.id) != 1 or n.leaf_key not in tracks:
+            continue
+        leaf, track = tracks[n.leaf_key]
+        if getattr(leaf, "_post_accumulate_grad_hooks", None):
+            continue
+        if track.last is None or stats.is_zero(track.last):
+            out[n.id] = track
+    return out
+
+
+class RepeatFolder:
+    """Folds the graph of a backward that repeats one recorded earlier in the block: a
+    training loop keeps one snapshot per structure, not one per step. The block's first
+    graph is keyed (hashed) only if a second backward comes, so a one-step cell never
+    hashes its graph. A repeat whose gradients went non-finite is kept, for the op that
+    made them."""
+
+    def __init__(self) -> None:
+        self._firsts: dict[tuple[str, str], Any] = {}
+        self._unkeyed: Any = None
+        self._retained = False
+
+    def fold(self, record: Any) -> None:
+        snap = record.graph
+        if snap is None:
+            return
+        self._retained = self._retained or record.retain_graph
+        if not self._firsts and self._unkeyed is None:
+            self._unkeyed = record
+            return
+        if self._unkeyed is not None:
+            first, self._unkeyed = self._unkeyed, None
+            self._firsts[(first.kind, first.graph.structure)] = first.graph
+        key = (record.kind, snap.structure)
+        first = self._firsts.setdefault(key, snap)
+        if first is snap:
+            return
+        if snap.flow_nonfinite:
+            snap.repeat_of = first
+        else:
+            snap.fold(first, keep_signature=self._retained)

@@ -27,7 +27,7 @@ from ..graph.snapshot import snapshot
 from ..history import History, default_history
 from ..options import Options
 from ..records import BackwardRecord, BlockRecord, Change, LeafRecord
-from .flow import FlowRecorder
+from .flow import FlowRecorder, RepeatFolder, unhooked_leaves
 from .leaves import Edit, LeafTrack
 from .modules import ModuleCalls
 from .names import CreatedLeafNames, may_run_user_code
@@ -94,11 +94,7 @@ class Recorder:
             self.grad_mode,
             self.created_names,
         ]
-        # Graphs recorded so far, by (kind, structure); the block's first one is keyed
-        # only if a second backward comes, so a one-step cell never hashes its graph.
-        self._firsts: dict[tuple[str, str], Any] = {}
-        self._unkeyed: BackwardRecord | None = None
-        self._retained = False
+        self._repeats = RepeatFolder()
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def guard(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -316,7 +312,7 @@ class Recorder:
         self._before(targets)  # a `torch.autograd.grad` call's inputs too: their rows show it
         if not self.options.graph:
             return record, nullcontext()
-        unhooked = self._unhooked(snap, found) if call.accumulate_grad else {}
+        unhooked = unhooked_leaves(snap, found) if call.accumulate_grad else {}
         flow = FlowRecorder(
             snap,
             live,
@@ -327,30 +323,6 @@ class Recorder:
         )
         self._flow = (flow, unhooked)
         return record, flow
-
-    def _unhooked(
-        self, snap: Any, found: list[tuple[torch.Tensor, LeafTrack]]
-    ) -> dict[int, LeafTrack]:
-        """Leaf nodes whose flow label is their `.grad` after the backward, no hook needed:
-        an empty gradient before it (so `.grad` becomes exactly what arrived), one edge in,
-        and nothing that changes `.grad` after accumulating (a Python post-accumulate
-        hook; DDP and FSDP do it from C++, so never under torch.distributed)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return {}
-        fan_in: dict[int, int] = {}
-        for e in snap.edges:
-            fan_in[e.src] = fan_in.get(e.src, 0) + 1
-        tracks = {track.record.key: (leaf, track) for leaf, track in found}
-        out = {}
-        for n in snap.nodes:
-            if n.kind != "leaf" or fan_in.get(n.id) != 1 or n.leaf_key not in tracks:
-                continue
-            leaf, track = tracks[n.leaf_key]
-            if getattr(leaf, "_post_accumulate_grad_hooks", None):
-                continue
-            if track.last is None or stats.is_zero(track.last):
-                out[n.id] = track
-        return out
 
     def _before(self, targets: list[tuple[torch.Tensor, LeafTrack]]) -> None:
         """Read each target's `.grad` before the engine adds to it."""
@@ -367,7 +339,7 @@ class Recorder:
             self._end_quietly(record, result, ok)
 
     def _end_quietly(self, record: BackwardRecord, result: Any, ok: bool) -> None:
-        self._fold_repeat(record)
+        self._repeats.fold(record)
         if record.kind == "grad":
             if ok:
                 for key in record.leaf_keys:
@@ -396,29 +368,6 @@ class Recorder:
                 if grad is not None and grad.shape == track.base_copy.shape:
                     (difference,) = stats.read_values([grad.detach() - track.base_copy], 0, False)
             track.added(value, difference)
-
-    def _fold_repeat(self, record: BackwardRecord) -> None:
-        """Fold the graph of a backward that repeats one recorded earlier in the block:
-        a training loop keeps one snapshot per structure, not one per step. A repeat
-        whose gradients went non-finite is kept, for the op that made them."""
-        snap = record.graph
-        if snap is None:
-            return
-        self._retained = self._retained or record.retain_graph
-        if not self._firsts and self._unkeyed is None:
-            self._unkeyed = record  # the block's first graph: keyed if another comes
-            return
-        if self._unkeyed is not None:
-            first, self._unkeyed = self._unkeyed, None
-            self._firsts[(first.kind, first.graph.structure)] = first.graph
-        key = (record.kind, snap.structure)
-        first = self._firsts.setdefault(key, snap)
-        if first is snap:
-            return
-        if snap.flow_nonfinite:
-            snap.repeat_of = first
-        else:
-            snap.fold(first, keep_signature=self._retained)
 
     # -- what the probes report ------------------------------------------------------------------
     def on_edit(self, edit: Edit) -> None:
