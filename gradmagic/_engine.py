@@ -313,19 +313,62 @@ def scaler_found_inf(scaler: Any, optimizer: Any) -> bool | None:
     return any(float(v.item()) != 0.0 for v in found.values())
 
 
-# --- installing the engine wrapper --------------------------------------------------------------
+# --- replacing attributes while blocks are watched ----------------------------------------------
+
+
+class Patch:
+    """Attributes replaced while at least one block is watched and put back after the last
+    (reference counted: nested blocks share one replacement)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def apply(self, replacements: Callable[[], list[tuple[Any, str, Any]]]) -> None:
+        """Count one user; the first replaces each (owner, attribute) with the new value."""
+        with self._lock:
+            self._users += 1
+            if self._users > 1:
+                return
+            for owner, attr, new in replacements():
+                self._saved.append((owner, attr, own_attribute(owner, attr)))
+                setattr(owner, attr, new)
+
+    def undo(self) -> None:
+        """Count one user off; the last puts every original back."""
+        with self._lock:
+            if self._users == 0:
+                return
+            self._users -= 1
+            if self._users:
+                return
+            while self._saved:
+                owner, attr, original = self._saved.pop()
+                setattr(owner, attr, original)
+
+    def original(self, owner: Any, attr: str) -> Any:
+        for o, a, original in self._saved:
+            if o is owner and a == attr:
+                return original
+        return own_attribute(owner, attr)
+
+
+def own_attribute(owner: Any, attr: str) -> Any:
+    """An attribute as set on `owner`: from a class's own dict, a function, not a bound or
+    inherited one."""
+    return owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+
 
 # handler(original, args, kwargs, caller_frame) -> whatever the engine returns
 Handler = Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any], Any]
 
-_lock = threading.Lock()
-_originals: dict[int, Any] = {}
-_installs = 0
+_ENGINE = Patch()
 
 
 def original_engine() -> Any:
     """The unwrapped engine function (for tests and restoration checks)."""
-    return _originals.get(id(torch.autograd.graph), torch.autograd.graph._engine_run_backward)
+    return _ENGINE.original(torch.autograd.graph, ENGINE_ATTR)
 
 
 def _make_wrapper(original: Any, handler: Handler) -> Any:
@@ -340,29 +383,17 @@ def _make_wrapper(original: Any, handler: Handler) -> Any:
 
 def install(handler: Handler) -> None:
     """Wrap the engine entry point under both names (reference counted)."""
-    global _installs
-    with _lock:
-        _installs += 1
-        if _installs > 1:
-            return
-        original = torch.autograd.graph._engine_run_backward
-        wrapper = _make_wrapper(original, handler)
-        for holder in ENGINE_HOLDERS:
-            _originals[id(holder)] = getattr(holder, ENGINE_ATTR)
-            setattr(holder, ENGINE_ATTR, wrapper)
+
+    def replacements() -> list[tuple[Any, str, Any]]:
+        wrapper = _make_wrapper(torch.autograd.graph._engine_run_backward, handler)
+        return [(holder, ENGINE_ATTR, wrapper) for holder in ENGINE_HOLDERS]
+
+    _ENGINE.apply(replacements)
 
 
 def uninstall() -> None:
     """Undo one `install`; the last one puts the original functions back."""
-    global _installs
-    with _lock:
-        if _installs == 0:
-            return
-        _installs -= 1
-        if _installs:
-            return
-        for holder in ENGINE_HOLDERS:
-            setattr(holder, ENGINE_ATTR, _originals.pop(id(holder)))
+    _ENGINE.undo()
 
 
 def is_patched() -> bool:

@@ -20,9 +20,6 @@ from .. import _engine
 from .leaves import Edit
 from .recorder import ACTIVE, Recorder
 
-_lock = threading.Lock()
-_installs = 0
-_originals: list[tuple[Any, str, Any]] = []
 _wrappers: dict[int, Any] = {}  # id(original) -> its wrapper, made once
 
 
@@ -142,31 +139,25 @@ def _wrap(original: Any, what: str) -> Any:
     return wrapper
 
 
+_EDITS = _engine.Patch()
+
+
+def _wrapper(original: Any, what: str) -> Any:
+    wrapper = _wrappers.get(id(original))
+    if wrapper is None or wrapper.__wrapped__ is not original:
+        wrapper = _wrappers[id(original)] = _wrap(original, what)
+    return wrapper
+
+
 def install() -> None:
     """Wrap every edit point (reference counted, like the engine wrapper)."""
-    global _installs
-    with _lock:
-        _installs += 1
-        if _installs > 1:
-            return
-        for owner, attr, what in _engine.EDIT_POINTS:
-            # From the class's own dict: a function, not a bound or inherited attribute.
-            original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
-            _originals.append((owner, attr, original))
-            wrapper = _wrappers.get(id(original))
-            if wrapper is None or wrapper.__wrapped__ is not original:
-                wrapper = _wrappers[id(original)] = _wrap(original, what)
-            setattr(owner, attr, wrapper)
+    _EDITS.apply(
+        lambda: [
+            (owner, attr, _wrapper(_engine.own_attribute(owner, attr), what))
+            for owner, attr, what in _engine.EDIT_POINTS
+        ]
+    )
 
 
 def uninstall() -> None:
-    global _installs
-    with _lock:
-        if _installs == 0:
-            return
-        _installs -= 1
-        if _installs:
-            return
-        while _originals:
-            owner, attr, original = _originals.pop()
-            setattr(owner, attr, original)
+    _EDITS.undo()

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -57,26 +56,9 @@ class LeafRow:
 
     @classmethod
     def of(cls, r: LeafRecord) -> LeafRow:
-        return cls(
-            r.name,
-            r.names,
-            r.shape,
-            r.dtype,
-            r.device,
-            r.before,
-            r.after,
-            r.added,
-            r.status,
-            r.runs,
-            r.key,
-            list(r.later),
-            r.used,
-            r.stepped,
-            r.end,
-            r.added_known,
-            r.ref if isinstance(r.ref, weakref.ref) else None,
-            r.end_read,
-        )
+        """The row of a leaf's record: the fields they share, its later changes as `then`."""
+        shared = {f.name: getattr(r, f.name) for f in fields(cls) if hasattr(r, f.name)}
+        return cls(**shared, then=list(r.later), _ref=r.ref)
 
 
 @dataclass
