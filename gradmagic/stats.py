@@ -361,28 +361,6 @@ def norm_of(value: Any) -> float | None:
     return None
 
 
-def scale_factor(before: Any, after: Any) -> float | None:
-    """c when `after == c * before` for exact copies (to float32 rounding); the ratio of
-    norms for summaries, which only says how much the norm changed."""
-    if isinstance(before, TensorSummary) and isinstance(after, TensorSummary):
-        if before.norm and after.norm is not None and math.isfinite(before.norm):
-            return after.norm / before.norm
-        return None
-    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
-        return None
-    if before.shape != after.shape or before.layout != torch.strided or before.is_complex():
-        return None
-    b, a = before.double().reshape(-1), after.double().reshape(-1)
-    if not bool(torch.isfinite(b).all()) or not bool(torch.isfinite(a).all()):
-        return None
-    mask = b != 0
-    if not bool(mask.any()) or bool((a[~mask] != 0).any()):
-        return None
-    c = float((a[mask] / b[mask]).median())
-    tolerance = 1e-6 * float(a.abs().max()) + 1e-30
-    return c if float((a - c * b).abs().max()) <= tolerance else None
-
-
 # --- numbers --------------------------------------------------------------------------------
 
 

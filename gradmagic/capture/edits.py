@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import _engine
+from .._patch import Patch, own_attribute
 from .leaves import Edit
 from .recorder import ACTIVE, Recorder
 
@@ -139,7 +140,7 @@ def _wrap(original: Any, what: str) -> Any:
     return wrapper
 
 
-_EDITS = _engine.Patch()
+_EDITS = Patch()
 
 
 def _wrapper(original: Any, what: str) -> Any:
@@ -153,7 +154,7 @@ def install() -> None:
     """Wrap every edit point (reference counted, like the engine wrapper)."""
     _EDITS.apply(
         lambda: [
-            (owner, attr, _wrapper(_engine.own_attribute(owner, attr), what))
+            (owner, attr, _wrapper(own_attribute(owner, attr), what))
             for owner, attr, what in _engine.EDIT_POINTS
         ]
     )

@@ -38,6 +38,28 @@ class Edit:
     within_step: bool = False  # an unscale made by `GradScaler.step` itself
 
 
+def scale_factor(before: Any, after: Any) -> float | None:
+    """c when `after == c * before` for exact copies (to float32 rounding); the ratio of
+    norms for summaries, which only says how much the norm changed."""
+    if isinstance(before, stats.TensorSummary) and isinstance(after, stats.TensorSummary):
+        if before.norm and after.norm is not None and math.isfinite(before.norm):
+            return after.norm / before.norm
+        return None
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        return None
+    if before.shape != after.shape or before.layout != torch.strided or before.is_complex():
+        return None
+    b, a = before.double().reshape(-1), after.double().reshape(-1)
+    if not bool(torch.isfinite(b).all()) or not bool(torch.isfinite(a).all()):
+        return None
+    mask = b != 0
+    if not bool(mask.any()) or bool((a[~mask] != 0).any()):
+        return None
+    c = float((a[mask] / b[mask]).median())
+    tolerance = 1e-6 * float(a.abs().max()) + 1e-30
+    return c if float((a - c * b).abs().max()) <= tolerance else None
+
+
 _CHANGING = ("clip_norm", "clip_value", "unscale")
 
 
@@ -50,7 +72,7 @@ def classify(
         return Change("set to None", "", before, after, when=when), []
     if stats.is_zero(after):
         return Change("zeroed", "", before, after, when=when), []
-    factor = stats.scale_factor(before, after)
+    factor = scale_factor(before, after)
     exact = isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
     what = "scaled" if exact and factor is not None else "changed"
     touching = [
