@@ -147,11 +147,13 @@ class quiet:  # noqa: N801 - used as `with quiet():`, like a function
         self._profiled = torch._C._autograd._profiler_enabled()
         if self._profiled:
             torch._C._autograd._enable_record_function(False)
+        # Off for modes and subclasses alike: even `t.shape` of a subclass that overrides
+        # __torch_function__ would run the user's code.
         self._function = torch._C.DisableTorchFunction()
         self._function.__enter__()
-        pre = torch._ops._len_torch_dispatch_stack_pre_dispatch()
-        n = torch._C._len_torch_dispatch_stack()
         self._modes: list[Any] = []
+        n = torch._C._len_torch_dispatch_stack()
+        pre = torch._ops._len_torch_dispatch_stack_pre_dispatch()
         if pre or n:
             self._modes = [torch._ops._pop_mode_from_pre_dispatch() for _ in range(pre)]
             self._modes += [_pop_mode() for _ in range(n)]

@@ -134,6 +134,9 @@ class ParamStep:
     steps: int
     moved_after_step: bool = False  # something wrote to it after its last step
     ref: Any = field(default=None, repr=False)  # weakref.ref to the parameter
+    # A large parameter within the copy budget: its copies before the first step and at
+    # the end, until a report summarises them into `before`, `after` and `change`.
+    copies: tuple[Any, Any] | None = field(default=None, repr=False)
 
     def tensor(self) -> Any:
         return self.ref() if self.ref is not None else None

@@ -128,18 +128,20 @@ def computable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     if t.is_meta:
         return None, "meta"
     note = ""
-    if cls.__name__ == "DTensor" and hasattr(t, "to_local"):
-        t, note = t.to_local(), "this rank's shard"  # the full tensor needs a collective
-    elif not _plain_class(cls):
-        return None, f"{cls.__name__}: values not read"
-    if t.is_nested:
-        return None, "nested"
-    t = t.detach()
-    if t.is_sparse:
-        return t.coalesce().values(), note or "sparse"
-    if t.layout != torch.strided:
-        return t.to_dense(), note or "sparse"
-    return t, note
+    # A subclass's own __torch_function__ stays off: what comes out is a plain tensor.
+    with torch._C.DisableTorchFunctionSubclass():
+        if cls.__name__ == "DTensor" and hasattr(t, "to_local"):
+            t, note = t.to_local(), "this rank's shard"  # the full tensor needs a collective
+        elif not _plain_class(cls):
+            return None, f"{cls.__name__}: values not read"
+        if t.is_nested:
+            return None, "nested"
+        t = t.detach()
+        if t.is_sparse:
+            return t.coalesce().values(), note or "sparse"
+        if t.layout != torch.strided:
+            return t.to_dense(), note or "sparse"
+        return t, note
 
 
 def shape_of(t: torch.Tensor) -> tuple[int, ...] | None:

@@ -301,3 +301,27 @@ def test_a_batched_grad_call_is_left_alone_and_said_so():
         "1 call into the autograd engine made by a batched `torch.autograd.grad` "
         "(`is_grads_batched=True`) was not observed"
     )
+
+
+class Tagged(torch.Tensor):
+    """A subclass with a __torch_function__ of its own that logs every call it sees."""
+
+    seen: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_subclass_with_its_own_torch_function_sees_the_same_calls():
+    def run() -> list[str]:
+        Tagged.seen = []
+        w = torch.nn.Parameter(torch.tensor([1.0, 2.0])).as_subclass(Tagged)
+        w.requires_grad_()
+        (w * 3).sum().backward()
+        return list(Tagged.seen)
+
+    plain, watched, report = both(run)
+    assert watched == plain
+    assert torch.equal(report.rows[0].after, torch.tensor([3.0, 3.0]))

@@ -271,27 +271,22 @@ def _steps(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> list[Op
         optimizer = live.ref()
         items = [(item, item.ref()) for item in live.params.values()]
         items = [(item, p) for item, p in items if p is not None]
-        # Parameters copied before the first step are read again; the others would cost
-        # a pass over the model at every block.
+        # Parameters copied before the first step are copied again now: the report works
+        # out their values and how far they moved from the two copies. The others would
+        # cost a pass over the model at every block.
         measured = [item.before is not None or item.first_copy is not None for item, _ in items]
-        ends = recorder.read([p if m else None for (_, p), m in zip(items, measured)])
-        ends = [
-            end if m else stats.not_measured(p, "not measured (past the copy budget)")
-            for (_, p), end, m in zip(items, ends, measured)
-        ]
+        ends = stats.exact_copies([p for (_, p), m in zip(items, measured) if m])
+        ends.reverse()
         params = []
-        for i, ((item, p), end) in enumerate(zip(items, ends)):
+        for i, ((item, p), m) in enumerate(zip(items, measured)):
             name = rows.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
+            end = ends.pop() if m else stats.not_measured(p, "not measured (past the copy budget)")
             step = ParamStep(name, stats.shape_of(p), item.grad, item.before, end, None, item.steps)
             step.ref = item.ref
             step.moved_after_step = item.steps > 0 and p._version != item.version
-            # The change of a small parameter is `after - before`, both copies: the report
-            # works it out. A large one needs the parameter itself, now.
-            if item.first_copy is not None:
-                first = item.first_copy
-                if first.shape == p.shape:
-                    step.change = stats.norms([p.detach() - first])[0]
-                step.before = stats.norm_summary(first, stats.norms([first])[0])
+            if item.first_copy is not None:  # a large one: summarised by the report
+                step.before, step.after = None, None
+                step.copies = (item.first_copy, end)
                 item.first_copy = None
             params.append(step)
         name = (_variable(namespace, optimizer) if optimizer is not None else None) or live.kind

@@ -33,8 +33,7 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
         return None, True
     if v.numel() <= values:
         listed = v.tolist()
-        flat = listed if v.dim() <= 1 else v.reshape(-1).tolist()
-        return listed, stats.finite_numbers(flat if isinstance(flat, list) else [flat])
+        return listed, stats.finite_numbers(stats.flat_list(listed))
     (norm,) = stats.norms([v])
     return ("norm", norm), norm is not None and math.isfinite(norm)
 

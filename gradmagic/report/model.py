@@ -144,10 +144,20 @@ def complete_statistics(block: BlockRecord) -> None:
 
 
 def complete_changes(block: BlockRecord) -> None:
-    """How far the steps moved each small parameter: its two copies' difference."""
+    """How far the steps moved each parameter, from its copies before the first step and
+    at the end: the difference of a small one, the norms of a large one."""
     with _engine.quiet():
         for steps in block.steps:
             for p in steps.params:
+                if p.copies is not None:
+                    first, last = p.copies
+                    p.copies = None
+                    before, after = stats.norms([first, last])
+                    p.before = stats.norm_summary(first, before)
+                    p.after = stats.norm_summary(last, after)
+                    if first.shape == last.shape:
+                        (p.change,) = stats.norms([last - first])
+                    continue
                 before, after = p.before, p.after
                 small = isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
                 if p.change is None and small and after.shape == before.shape:
