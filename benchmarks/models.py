@@ -218,7 +218,50 @@ def make_transformer(
     )
 
 
-BUILDERS = {"mlp": make_mlp, "resnet": make_resnet, "transformer": make_transformer}
+# --- (d) 2,000 parameter tensors -----------------------------------------------
+
+
+class ResidualStack(nn.Module):
+    """`depth` residual blocks `x + tanh(Linear(x))`: two parameter tensors each."""
+
+    def __init__(self, depth: int, width: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
+def make_many(depth: int = 999, width: int = 32, batch: int = 16, seed: int = 0) -> Workload:
+    """A model of many small parameter tensors (2,000 by default): where the report's
+    per-row costs show."""
+    torch.manual_seed(seed)
+    model = ResidualStack(depth, width)
+    for block in model.blocks:  # small residual updates keep 1,000 layers finite
+        nn.init.normal_(block.weight, std=0.02)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(batch, width), torch.randn(batch, 1)
+    return Workload(
+        "2,000 tensors",
+        model,
+        opt,
+        x,
+        y,
+        F.mse_loss,
+        f"{depth} residual blocks x + tanh(Linear({width},{width})(x)) and a head: "
+        f"{2 * depth + 2:,} parameter tensors, batch {batch}, Adam",
+    )
+
+
+BUILDERS = {
+    "mlp": make_mlp,
+    "resnet": make_resnet,
+    "transformer": make_transformer,
+    "many": make_many,
+}
 
 # Sizes for the smoke test: the same code paths in milliseconds.
 TINY = {
@@ -233,4 +276,5 @@ TINY = {
         "n_heads": 2,
         "d_ff": 32,
     },
+    "many": {"depth": 9, "width": 4, "batch": 2},
 }

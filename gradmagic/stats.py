@@ -36,24 +36,22 @@ _BY_LIST_UNTIL = 64  # elements: up to here, numbers read with `tolist()` beat a
 
 @dataclass(frozen=True)
 class TensorSummary:
-    """Statistics of one tensor too large to copy. `str()` gives the one-line summary.
+    """What was read of one tensor too large to copy: its norm and range (and how many
+    NaN and Inf it held, when it held some). `str()` gives the one-line summary.
 
     `norm is None` means its values were not read (`note` says why: "no values
-    (meta)", "not measured (...)"); only the norm is known until full statistics
-    are taken (`mean is None`).
+    (meta)", "not measured (...)"); `min`/`max` are None where only the norm was
+    read (a complex tensor, a parameter measured around an optimizer step).
     """
 
     shape: tuple[int, ...] | None
     dtype: str
     numel: int
     norm: float | None
-    mean: float | None = None
-    std: float | None = None
     min: float | None = None
     max: float | None = None
     nan: int | None = None
     inf: int | None = None
-    zero_fraction: float | None = None
     note: str = ""
 
     @property
@@ -70,25 +68,26 @@ class TensorSummary:
     def is_zero(self) -> bool:
         return self.norm == 0.0
 
-    def __str__(self) -> str:
+    def text(self, symbol: str = "g") -> str:
+        """`NaN! 3 ‖g‖=nan x∈[-0.2, 0.3]`: NaN/Inf first, the norm named `‖symbol‖`."""
         if self.norm is None:
-            return f"n={self.numel:,} {self.note}"
-        parts = [f"n={self.numel:,}", f"‖g‖={_num(self.norm)}"]
-        if self.mean is not None:
-            parts.append(f"x∈[{_num(self.min)}, {_num(self.max)}]")
-            parts.append(f"μ={_num(self.mean)}")
-            parts.append(f"σ={_num(self.std)}")
-        if self.zero_fraction:
-            parts.append(f"{self.zero_fraction:.0%} zeros")
+            return self.note
+        parts = []
         if self.nan:
             parts.append(f"NaN! {self.nan:,}")
         if self.inf:
             parts.append(f"Inf! {self.inf:,}")
         if self.nan is None and not math.isfinite(self.norm):
             parts.append("NaN/Inf!")
+        parts.append(f"‖{symbol}‖={_num(self.norm)}")
+        if self.min is not None and self.max is not None:
+            parts.append(f"x∈[{_num(self.min)}, {_num(self.max)}]")
         if self.note:
             parts.append(f"({self.note})")
         return " ".join(parts)
+
+    def __str__(self) -> str:
+        return f"n={self.numel:,} {self.text()}"
 
 
 def _num(x: float | None) -> str:
@@ -179,10 +178,40 @@ def read_values(tensors: Sequence[torch.Tensor | None], keep: int, copies: bool)
         else:
             large.append((i, t, v, note))
     found = norms([v for _, _, v, _ in large])
-    for (i, t, v, note), norm in zip(large, found):
+    spans = ranges([v for _, _, v, _ in large])
+    for (i, t, v, note), norm, span in zip(large, found, spans):
         said = f"no values ({note})" if v is None else note
-        out[i] = TensorSummary(shape_of(t), dtype_name(t.dtype), numel_of(t), norm, note=said)
+        if v is not None and norm is not None and not math.isfinite(norm):
+            out[i] = _nonfinite_summary(t, v, norm, said)
+            continue
+        lo, hi = span if span is not None else (None, None)
+        out[i] = TensorSummary(
+            shape_of(t), dtype_name(t.dtype), numel_of(t), norm, min=lo, max=hi, note=said
+        )
     return out
+
+
+def _nonfinite_summary(t: torch.Tensor, v: torch.Tensor, norm: float, note: str) -> TensorSummary:
+    """A large value holding NaN or Inf: how many of each, and the range of the rest."""
+    flat = v.reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    nan = int(torch.isnan(flat).sum())
+    finite = flat[torch.isfinite(flat)]
+    lo, hi = (None, None)
+    if finite.numel() and not finite.is_complex():
+        lo, hi = (float(x) for x in torch.aminmax(finite))
+    return TensorSummary(
+        shape_of(t),
+        dtype_name(t.dtype),
+        numel_of(t),
+        norm,
+        min=lo,
+        max=hi,
+        nan=nan,
+        inf=flat.numel() - finite.numel() - nan,
+        note=note,
+    )
 
 
 def not_measured(t: torch.Tensor, why: str) -> TensorSummary:
@@ -232,6 +261,30 @@ def norms(tensors: Sequence[torch.Tensor | None]) -> list[float | None]:
         sums = torch.stack([s for _, _, s in items]).tolist()
         for (i, flat, _), total in zip(items, sums):
             out[i] = norm_from_squares(flat, total)
+    return out
+
+
+def ranges(tensors: Sequence[torch.Tensor | None]) -> list[tuple[float, float] | None]:
+    """(min, max) of each real tensor, with one host sync per device; None where a tensor
+    is None, empty or complex (a range of complex numbers means nothing)."""
+    out: list[tuple[float, float] | None] = [None] * len(tensors)
+    pending: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, v in enumerate(tensors):
+        if v is None or v.numel() == 0 or v.is_complex():
+            continue
+        if v.is_cpu and v.numel() <= _BY_LIST_UNTIL and v.layout is _STRIDED:
+            numbers = v.reshape(-1).tolist()
+            nan = any(x != x for x in numbers)
+            out[i] = (math.nan, math.nan) if nan else (float(min(numbers)), float(max(numbers)))
+            continue
+        flat = v.reshape(-1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        lo, hi = torch.aminmax(flat)
+        pending.setdefault(flat.device, []).append((i, torch.stack([lo, hi]).double()))
+    for items in pending.values():
+        for (i, _), (lo, hi) in zip(items, torch.stack([s for _, s in items]).tolist()):
+            out[i] = (lo, hi)
     return out
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import re
+
 import pytest
 import torch
 from IPython.core.interactiveshell import InteractiveShell
@@ -49,3 +52,19 @@ def ip(_shell: InteractiveShell) -> Shell:
     _shell.run_cell("%grad reset")
     torch.manual_seed(0)
     return Shell(_shell)
+
+
+_IMAGE = re.compile(
+    r'<img class="([\w-]+)"[^>]*?src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"'
+)
+
+
+def report_images(html: str, cls: str) -> list[str]:
+    """The SVG documents of the report's `<img class=cls>` elements, decoded."""
+    return [base64.b64decode(data).decode("utf-8") for c, data in _IMAGE.findall(html) if c == cls]
+
+
+@pytest.fixture
+def images():
+    """`images(html, "gradmagic-graph")`: the SVGs a report shows as images."""
+    return report_images

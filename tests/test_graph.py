@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import weakref
-from collections import Counter
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from gradmagic.graph.snapshot import snapshot
 
 def drawn_nodes(source: str) -> list[str]:
     """Ids of the nodes a DOT source draws, the legend left out."""
-    return re.findall(r"^\t([nmf]\d+) \[", source, re.M)
+    return re.findall(r"^\t([nmfr]\d+) \[", source, re.M)
 
 
 def label_of(source: str, node: str) -> str:
@@ -364,12 +363,17 @@ def test_transformer_collapses_by_module_within_budget():
     assert len(nodes) <= 60
     labels = [label_of(source, n) for n in nodes]
     assert labels[0] == "loss\\nMeanBackward0\\nself: (2, 5, 32)"
-    # Layer 0 takes an input that does not require grad: 3 fewer ops than the others.
-    for i in range(6):
-        ops = 61 if i == 0 else 64
-        assert f"enc.layers.{i} (TransformerEncoderLayer): {ops} ops, 12 params" in labels
+    # Six identical layers in a row: the first is drawn module by module (its input needs
+    # no gradient), the other five are one node with a count.
+    run = "enc.layers.1 … enc.layers.5: TransformerEncoderLayer ×5\\n320 ops, 60 params"
+    assert labels.count(run) == 1
+    assert "enc.layers.0.self_attn (MultiheadAttention): 45 ops, 4 params" in labels
+    assert not any(label.startswith("enc.layers.2") for label in labels)
     for name in names.values():
-        assert any(name.startswith(label.split(" (")[0] + ".") for label in labels), name
+        folded = name.split(".")[2] in "12345"
+        assert folded or any(name.startswith(label.split(" (")[0] + ".") for label in labels)
+    [edge] = [e for e in re.findall(r"(\w+) -> (\w+)", source) if label_of(source, e[0]) == run]
+    assert label_of(source, edge[1]) == "PowBackward0\\nexponent: 2"  # layers.5 fed the loss
 
 
 def test_depth_collapses_modules_that_deep():
@@ -571,9 +575,31 @@ def test_graph_groups_by_module_with_spans():
     with ModuleSpans() as spans:
         out = model(torch.ones(2, 4)).sum()
     source = graph(out, {"net": model}, spans=spans, max_nodes=40).source
-    labels = Counter(label_of(source, n).split(" (")[0] for n in drawn_nodes(source))
-    assert len(drawn_nodes(source)) <= 40
-    assert {f"net.{i}" for i in range(30)} <= set(labels)
+    labels = [label_of(source, n) for n in drawn_nodes(source)]
+    assert len(labels) <= 40
+    # net.0 drawn as its parts, the 29 identical blocks after it one node with a count.
+    assert (
+        "net.0.0 (Linear): 2 ops, 2 params" in labels
+        and "net.0.1 (Tanh): 1 ops, 0 params" in labels
+    )
+    assert "net.1 … net.29: Sequential ×29\\n87 ops, 58 params" in labels
+    assert not any(label.startswith("net.2") for label in labels)
+
+
+def test_repeated_patterns_fold_and_small_graphs_do_not():
+    net = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(8, 8), nn.ReLU())])
+    with ModuleSpans() as spans:
+        out = net(torch.ones(2, 8)).sum()
+    source = graph(out, {"net": net}, spans=spans).source
+    labels = [label_of(source, n) for n in drawn_nodes(source)]
+    assert "net.2 … net.39: (Linear, ReLU) ×19\\n57 ops, 38 params" in labels
+    assert "net.0 (Linear): 2 ops, 2 params" in labels and "net.1 (ReLU): 1 ops, 0 params" in labels
+    # Two identical layers are no run; a graph within the budget is drawn op by op.
+    small = nn.Sequential(*[m for _ in range(3) for m in (nn.Linear(8, 8), nn.ReLU())])
+    with ModuleSpans() as spans:
+        out = small(torch.ones(2, 8)).sum()
+    source = graph(out, {"small": small}, spans=spans).source
+    assert "×" not in source and source.count("AddmmBackward0") == 3
 
 
 def test_graph_module_imports_no_graphviz_ipython_or_pandas():

@@ -17,12 +17,7 @@ DEEP = (
 )
 
 
-def _svg(html: str) -> str:
-    [svg] = re.findall(r'<div class="gradmagic-flow"[^>]*>(<svg.*?</svg>)', html, flags=re.S)
-    return svg
-
-
-def test_chart_is_on_from_eight_leaves_with_rms_and_max_per_leaf(ip):
+def test_chart_is_on_from_eight_leaves_with_rms_and_max_per_leaf(ip, images):
     ip.run(DEEP)
     ip.run("%%grad -q -o rep\nmodel(x).pow(2).mean().backward()\n")
     rep, model = ip.ns["rep"], ip.ns["model"]
@@ -34,7 +29,7 @@ def test_chart_is_on_from_eight_leaves_with_rms_and_max_per_leaf(ip):
         assert abs(point.rms - rms) < 1e-6 * rms
         assert point.max_abs == g.abs().max().item()
         assert point.mark == ""
-    svg = _svg(rep._repr_html_())
+    [svg] = images(rep._repr_html_(), "gradmagic-flow")
     ET.fromstring(svg)  # well-formed, inline, no script
     assert "<script" not in svg
     assert "RMS" in svg and "max |grad|" in svg and "model.4.bias" in svg
@@ -54,7 +49,7 @@ def test_small_reports_have_no_chart_unless_asked(ip):
     assert ip.ns["rep"].flow is None
 
 
-def test_none_and_nan_leaves_are_marked_not_drawn(ip):
+def test_none_and_nan_leaves_are_marked_not_drawn(ip, images):
     ip.run(
         DEEP + "w = torch.zeros(2, requires_grad=True)\nunused = torch.ones(3, requires_grad=True)"
     )
@@ -68,7 +63,7 @@ def test_none_and_nan_leaves_are_marked_not_drawn(ip):
     marks = {p.name: p.mark for p in rep.flow.points}
     assert marks["w"] == "nan/inf" and marks["unused"] == "none"
     assert rep.table.loc["unused", "status"] == "none"
-    svg = _svg(rep._repr_html_())
+    [svg] = images(rep._repr_html_(), "gradmagic-flow")
     assert "no gradient" in svg and "NaN/Inf" in svg
 
 
@@ -114,10 +109,23 @@ def test_history_of_three_runs(ip):
     lines = repr(view).splitlines()
     assert lines[0] == "history of x.grad"
     assert lines[1].split() == ["run", "before", "after", "added", "status", "runs"]
-    assert lines[4].split()[-2:] == ["accumulated", "3"]
-    assert "tensor([300., 300.])" in lines[4]
+    assert re.split(r"\s{2,}", lines[4].strip()) == [
+        "3",
+        "[200., 200.]",
+        "[300., 300.]",
+        "[100., 100.]",
+        "accumulated",
+        "3",
+    ]
     html = view._repr_html_()
-    assert html.count("<tr") == 4 and "background:#fff3e0" in html
+    body = re.findall(r"<tr[^>]*>(.*?)</tr>", html)
+    assert len(body) == 4  # the header and three runs
+    assert re.findall(r"<td[^>]*>(.*?)</td>", body[3])[1:4] == [
+        "[200., 200.]",
+        "[300., 300.]",
+        "[100., 100.]",
+    ]
+    assert 'style="background:#fff7ed;' in html.split("<tr")[3]  # run 2: accumulated
     ip.run("x.grad = None")
     ip.run("%%grad -q\n(100 * x).sum().backward()\n")
     assert [(e.status, e.runs) for e in ip.run("%grad history x").entries][-1] == ("new", 1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradmagic import render
 from gradmagic.graph import ModuleSpans, graph, snapshot, to_digraph
 from gradmagic.render import render_svg
 
@@ -114,10 +115,27 @@ def test_a_dot_that_hangs_is_stopped(monkeypatch, tmp_path):
 
 def test_the_webassembly_module_compiles_once():
     render_svg("digraph { warm }", engine="wasm")
-    start = time.perf_counter()
+    compiled = render._wasm_renderer.cache_info().misses
     for _ in range(5):
         assert render_svg("digraph { a -> b }", engine="wasm").svg
-    assert time.perf_counter() - start < 0.25  # one compile costs ~0.4 s or more
+    assert render._wasm_renderer.cache_info().misses == compiled == 1
+
+
+def test_one_dot_process_renders_graph_after_graph_as_dot_would_once():
+    dot = shutil.which("dot")
+    sources = [q_source(), "digraph g { a -> b }", 'digraph h { x [label="}{ \\" ;"] }']
+    first = render._SERVER.render(dot, sources[0], 30)
+    pid = render._SERVER._proc.pid
+    for source in sources * 2:
+        once = render._render_dot_once(dot, source, 30).svg
+        assert render._inline(render._SERVER.render(dot, source, 30)) == once
+    assert render._SERVER._proc.pid == pid and first is not None  # the same process
+    # A graph cut short is an error, said in dot's words, and the next one renders.
+    broken = render_svg("digraph { a -> ", engine="dot")
+    assert broken.error.startswith("`dot` could not render the graph: <stdin>: syntax error")
+    assert render_svg("digraph { c }", engine="dot").svg.startswith("<svg")
+    # An open quoted string would make dot wait for more input: rendered once instead.
+    assert render._SERVER.render(dot, 'digraph { a [label="open] }', 30) is None
 
 
 HOSTILE = '<b>"x"{y}\n\\z'

@@ -230,12 +230,20 @@ def saved_text(value: Any) -> str | None:
     return None
 
 
+EDGE_NUMBERS = 4  # numbers an edge label shows; a larger gradient shows its norm
+
+
 def flow_text(value: Any) -> str:
     """A flow label: `("norm", 13.4)` as `‖g‖=13.4`, `tolist()` output in PyTorch's
     style (`repr(tensor)` costs about 0.2 ms a call)."""
     if isinstance(value, tuple):
         return f"‖g‖={value[1]:.3g}"
-    floats = [v for v in flat_list(value) if isinstance(v, float) and math.isfinite(v)]
+    numbers = flat_list(value)
+    if len(numbers) > EDGE_NUMBERS:  # a label stays short: the norm of the rest
+        if all(isinstance(v, (int, float)) for v in numbers):
+            return f"‖g‖={math.sqrt(math.fsum(float(v) ** 2 for v in numbers)):.3g}"
+        return f"{len(numbers)} values"
+    floats = [v for v in numbers if isinstance(v, float) and math.isfinite(v)]
     if floats and all(v.is_integer() for v in floats) and max(map(abs, floats)) < 1e8:
         fmt = "{:.0f}."
     elif floats and all(1e-4 <= abs(v) < 1e4 for v in floats if v):

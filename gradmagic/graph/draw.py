@@ -29,6 +29,7 @@ _STYLES = {
     "root": {"fillcolor": "darkolivegreen1"},
     "op": {"fillcolor": "gray95"},
     "module": {"fillcolor": "lightyellow", "shape": "box3d", "style": "filled"},
+    "repeat": {"fillcolor": "lightyellow", "shape": "box3d", "style": "filled,bold"},
     "folded": {"fillcolor": "white", "shape": "note", "style": "filled,dashed"},
     "nan/inf": {"fillcolor": "#ff9a9a", "color": "red", "penwidth": "2"},
     "accumulated": {"fillcolor": "lightblue", "color": "orange", "penwidth": "3"},
@@ -41,6 +42,7 @@ _LEGEND = {
     "root": "root",
     "op": "backward op",
     "module": "module (collapsed)",
+    "repeat": "repeated modules (×count)",
     "folded": "folded ops",
     "nan/inf": "NaN/Inf gradient",
     "accumulated": "accumulated gradient",
@@ -105,27 +107,134 @@ def _homes(snap: GraphSnapshot, texts: Mapping[int, str]) -> list[int | None]:
 
 def _module_keys(
     snap: GraphSnapshot, homes: list[int | None], max_nodes: int, depth: int | None
-) -> list[str]:
-    """A unit key per node: `n<id>` drawn alone, `m<call>` collapsed into its module call."""
+) -> tuple[list[str], dict[str, str]]:
+    """A unit key per node: `n<id>` drawn alone, `m<call>` collapsed into its module call,
+    `r<call>` a run of repeated identical module calls (with the text naming each run).
+
+    Repeats fold first, at the shallowest depth they occur: of twelve identical layers one
+    after another, the first is drawn like any module and the other
+    eleven become one node. Then modules collapse, deepest first, until the drawing fits.
+    """
     plain = [f"n{n.id}" for n in snap.nodes]
     if not snap.modules or (depth is None and len(plain) <= max_nodes):
-        return plain
+        return plain, {}
     chains = [snap.chain(c) for c in range(len(snap.modules))]
+    top = max(c.depth for c in snap.modules)
+    held: list[tuple[int, str] | None] = [None] * len(plain)  # (depth of the run, its key)
+    runs: dict[str, str] = {}
 
     def keys_at(d: int) -> list[str]:
-        return [
-            f"m{chains[h][d]}" if h is not None and len(chains[h]) > d else plain[i]
-            for i, h in enumerate(homes)
-        ]
+        keys = []
+        for i, h in enumerate(homes):
+            run = held[i]
+            if run is not None and run[0] <= d:
+                keys.append(run[1])
+            elif h is not None and len(chains[h]) > d:
+                keys.append(f"m{chains[h][d]}")
+            else:
+                keys.append(plain[i])
+        return keys
 
+    for d in range(top + 1):
+        keys = keys_at(d)
+        for key, text, units in _repeats(snap, keys):
+            runs[key] = text
+            for i, k in enumerate(keys):
+                if k in units:
+                    held[i] = (d, key)
     if depth is not None:
-        return keys_at(max(depth, 0))
+        return keys_at(max(depth, 0)), runs
     # Deepest modules first: the first depth at which the drawing fits the budget.
-    for d in range(max(c.depth for c in snap.modules), -1, -1):
+    for d in range(top, -1, -1):
         keys = keys_at(d)
         if len(set(keys)) <= max_nodes:
-            return keys
-    return keys
+            return keys, runs
+    return keys, runs
+
+
+_MIN_REPEATS = 3  # a pattern of modules seen this many times in a row folds
+_MAX_PERIOD = 4  # patterns of up to this many modules (Linear, ReLU: 2)
+
+
+def _repeats(snap: GraphSnapshot, keys: list[str]) -> list[tuple[str, str, set[str]]]:
+    """Runs of identical module calls one after another (`layers.0` ... `layers.11`, or
+    Linear, ReLU, Linear, ReLU, ...): for each, the run's key, its text and the units it
+    folds: all but the first pattern, which stays drawn as it is.
+
+    Units follow each other when one feeds only the next and the next is fed only by it
+    (leaves aside); identical means the same class and the same parameter shapes, for
+    every module of the repeated pattern.
+    """
+    units: dict[str, list[int]] = {}
+    for nid, key in enumerate(keys):
+        units.setdefault(key, []).append(nid)
+    if sum(k.startswith("m") for k in units) < _MIN_REPEATS:
+        return []
+    succs: dict[str, set[str]] = {k: set() for k in units}
+    preds: dict[str, set[str]] = {k: set() for k in units}
+    for e in snap.edges:
+        a, b = keys[e.src], keys[e.dst]
+        if a != b:
+            succs[a].add(b)
+            preds[b].add(a)
+    leafy = {k for k, ns in units.items() if all(snap.nodes[i].kind == "leaf" for i in ns)}
+
+    def next_of(k: str) -> str | None:
+        after = [s for s in succs[k] if s not in leafy]
+        if len(after) == 1 and preds[after[0]] == {k}:
+            return after[0]
+        return None
+
+    has_prev = {n for k in units if (n := next_of(k)) is not None}
+    found = []
+    for start in units:
+        if start in has_prev:
+            continue
+        chain = [start]
+        while (n := next_of(chain[-1])) is not None and n not in chain:
+            chain.append(n)
+        if len(chain) < _MIN_REPEATS:
+            continue
+        marks = [_signature(snap, k, units[k]) for k in chain]
+        i = 0
+        while i < len(chain):
+            covered, period = 0, 0
+            for p in range(1, _MAX_PERIOD + 1):
+                if any(m is None for m in marks[i : i + p]):
+                    break
+                j = i + p
+                while j < len(chain) and marks[j] == marks[j - p]:
+                    j += 1
+                times = (j - i) // p
+                if times >= _MIN_REPEATS and times * p > covered:
+                    covered, period = times * p, p
+            if covered:
+                run = chain[i + period : i + covered]
+                calls = sorted(int(k[1:]) for k in run)
+                found.append((f"r{calls[0]}", _run_text(snap, calls, period), set(run)))
+                i += covered
+            else:
+                i += 1
+    return found
+
+
+def _run_text(snap: GraphSnapshot, calls: list[int], period: int) -> str:
+    """`layers.0 … layers.10: Block ×11`, `net.0 … net.37: (Linear, ReLU) ×19`."""
+    modules = [snap.modules[c] for c in calls]
+    classes = [m.cls for m in modules[:period]]
+    pattern = classes[0] if period == 1 else "(" + ", ".join(classes) + ")"
+    first, last = modules[0].name or modules[0].cls, modules[-1].name or modules[-1].cls
+    return f"{first} … {last}: {pattern} ×{len(calls) // period}"
+
+
+def _signature(snap: GraphSnapshot, key: str, members: list[int]) -> tuple | None:
+    """What makes two module calls the same for folding: the class and the parameter
+    shapes (the first of a stack often runs fewer ops: its input needs no gradient).
+    None for a unit that is no module call."""
+    if not key.startswith("m"):
+        return None
+    shapes = sorted(snap.nodes[i].shape for i in members if snap.nodes[i].kind == "leaf")
+    return (snap.modules[int(key[1:])].cls, tuple(shapes))
 
 
 def _fold(snap: GraphSnapshot, keys: list[str], max_nodes: int) -> list[str]:
@@ -195,9 +304,13 @@ class _Drawing:
     """Labels and styles for the units `to_digraph` draws; notes which kinds the legend needs."""
 
     def __init__(
-        self, snap: GraphSnapshot, texts: Mapping[int, str], status: Mapping[int, str]
+        self,
+        snap: GraphSnapshot,
+        texts: Mapping[int, str],
+        status: Mapping[int, str],
+        runs: Mapping[str, str],
     ) -> None:
-        self.snap, self.texts, self.status = snap, texts, status
+        self.snap, self.texts, self.status, self.runs = snap, texts, status, runs
         self.used: set[str] = set()
         self.flow = snap.edge_flow  # the edges that alone feed their input
         fan_in: dict[tuple[int, int], int] = {}
@@ -251,6 +364,9 @@ class _Drawing:
             call = self.snap.modules[int(key[1:])]
             who = f"{call.name} ({call.cls})" if call.name else call.cls
             lines, attrs = [f"{who}: {ops:,} ops, {leaves:,} params"], self.style("module")
+        elif key.startswith("r"):
+            lines = [self.runs[key], f"{ops:,} ops, {leaves:,} params"]
+            attrs = self.style("repeat")
         else:
             extra = f", {leaves:,} leaves" if leaves else ""
             lines, attrs = [f"… {ops:,} ops folded{extra} …"], self.style("folded")
@@ -306,12 +422,12 @@ def to_digraph(
         raise ValueError(f"max_nodes must be at least 1, not {max_nodes}.")
     with gc_paused():
         texts = _leaf_texts(snap, leaf_names)
-        keys = _module_keys(snap, _homes(snap, texts), max_nodes, depth)
+        keys, runs = _module_keys(snap, _homes(snap, texts), max_nodes, depth)
         keys = _fold(snap, keys, max_nodes)
     members: dict[str, list[int]] = {}
     for nid, key in enumerate(keys):
         members.setdefault(key, []).append(nid)
-    drawing = _Drawing(snap, texts, leaf_status or {})
+    drawing = _Drawing(snap, texts, leaf_status or {}, runs)
     dot = graphviz.Digraph(
         "autograd",
         graph_attr={"fontname": _FONT, "labelloc": "t", "nodesep": "0.25", "ranksep": "0.35"},

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import stats
-from .html import CELL_STYLE, STATUS_STYLE, TABLE_STYLE, esc
-from .text import clip
+from .cells import clip, value_text
+from .html import CARD, SCROLL, STATUS_STYLE, TABLE, TD, TH, esc, row_open, value_cell
 
 
 @dataclass
@@ -19,9 +18,9 @@ class HistoryView:
         return [
             [
                 str(e.run),
-                stats.format_value(e.before),
-                stats.format_value(e.after),
-                stats.format_value(e.added),
+                value_text(e.before),
+                value_text(e.after),
+                value_text(e.added),
                 e.status,
                 str(e.runs),
             ]
@@ -40,21 +39,26 @@ class HistoryView:
 
     def _repr_html_(self) -> str:
         if not self.entries:
-            return f"<div>{esc(repr(self))}</div>"
-        cell = CELL_STYLE + " font-family: monospace;"
+            return f'<div class="gradmagic" style="{CARD}">{esc(repr(self))}</div>'
         head = "".join(
-            f'<th style="{cell} text-align:left">{h}</th>'
+            f'<th style="{TH}">{h}</th>'
             for h in ("cell run", "before", "after", "added", "status", "runs")
         )
         body = []
         for entry, row in zip(self.entries, self._rows()):
-            bg = STATUS_STYLE.get(entry.status, ("",))[0]
-            style = f' style="background:{bg}"' if bg else ""
+            bg = STATUS_STYLE.get(entry.status, ("#ffffff",))[0]
+            run, before, after, added, status, runs = row
             body.append(
-                f"<tr{style}>" + "".join(f'<td style="{cell}">{esc(c)}</td>' for c in row) + "</tr>"
+                row_open("", bg)
+                + f'<td style="{TD}">{esc(run)}</td>'
+                + value_cell("gm-before", before)
+                + value_cell("gm-after", after)
+                + value_cell("gm-added", added)
+                + f'<td style="{TD}">{esc(status)}</td><td style="{TD}">{esc(runs)}</td></tr>'
             )
         return (
-            f'<div style="font-weight:600">history of <code>{esc(self.name)}.grad</code></div>'
-            f'<table style="{TABLE_STYLE}">'
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f'<div class="gradmagic" style="{CARD}">'
+            f'<div style="font-weight: 600;">history of <code>{esc(self.name)}.grad</code></div>'
+            f'<div class="gm-scroll" style="{SCROLL}"><table style="{TABLE}">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div></div>"
         )

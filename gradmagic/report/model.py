@@ -12,7 +12,6 @@ from .. import _engine, stats
 from ..findings import Finding, findings_for
 from ..records import BlockRecord, Change, LeafRecord, OptimizerSteps, rows
 from .plot import GradientFlow, gradient_flow
-from .statistics import summaries
 
 # Rows drawn in HTML and text; `rep.table` always has them all. Problem rows come first.
 MAX_SHOWN_ROWS = 200
@@ -114,33 +113,16 @@ def distinct_graphs(block: BlockRecord) -> list[tuple[Any, int]]:
     return [(record, repeat) for record, repeat in found.values()]
 
 
-def complete_statistics(block: BlockRecord) -> None:
-    """Full statistics (range, mean, std, zeros) of large gradients the block read only by
-    their norm, taken now from a gradient whose content is still what the block last read
-    (same norm); the values of the block's readings stay as they were otherwise."""
-    todo: list[tuple[LeafRecord, torch.Tensor]] = []
-    for r in block.leaves:
-        latest = r.latest
-        if not (isinstance(latest, stats.TensorSummary) and latest.readable):
-            continue
-        if latest.mean is not None:
-            continue
-        leaf = r.ref()
-        grad = leaf.grad if leaf is not None else None
-        if grad is not None:
-            todo.append((r, grad))
-    if not todo:
-        return
-    with _engine.quiet():
-        now = stats.read_values([g for _, g in todo], 0, False)
-        current = [(r, g) for (r, g), value in zip(todo, now) if stats.same(value, r.latest)]
-        full = summaries([g for _, g in current])
-    for (r, _), summary in zip(current, full):
-        for attr in ("after", "used", "end", "added", "before"):
-            value = getattr(r, attr)
-            if value is r.latest or (value is not None and stats.same(value, r.latest)):
-                setattr(r, attr, summary)
-        r.latest = summary
+def _terminal_colours() -> bool:
+    import os
+    import sys
+
+    if os.environ.get("NO_COLOR") or not sys.stdout.isatty():
+        return False
+    shell = sys.modules.get("IPython") and sys.modules["IPython"].get_ipython()
+    if shell is None or type(shell).__name__ != "TerminalInteractiveShell":
+        return False
+    return str(getattr(shell, "colors", "")).lower() not in ("nocolor", "")
 
 
 def complete_changes(block: BlockRecord) -> None:
@@ -190,7 +172,6 @@ class GradReport:
 
     @classmethod
     def from_block(cls, block: BlockRecord) -> GradReport:
-        complete_statistics(block)
         complete_changes(block)
         with _engine.quiet():
             findings = findings_for(block)
@@ -230,7 +211,7 @@ class GradReport:
         `then`, the changes after the last backward, as text."""
         import pandas as pd
 
-        from .text import then_text
+        from .cells import then_text
 
         data = [
             [
@@ -303,6 +284,13 @@ class GradReport:
         from .text import report_text
 
         return report_text(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Terminal IPython with its colours on gets a coloured report; elsewhere (Jupyter's
+        text fallback, logs) the plain one."""
+        from .text import report_text
+
+        printer.text(report_text(self, color=_terminal_colours()))
 
     def _repr_html_(self) -> str:
         from .html import report_html
