@@ -2,15 +2,16 @@
 
 Prints progress and the target table, and writes `benchmarks/results.md`:
 
-1. Overhead per training step (forward + backward + optimizer step), plain vs
-   inside `gradmagic.watch()` (default options) vs `watch(copies=True)`, on a
-   tiny MLP, a ResNet-18 and a ~27M-parameter transformer LM. Each watched
-   variant runs interleaved with plain steps of its own (A B, B A, ...); each
-   watched step is compared with the plain step of the same round, and the
-   table gives medians with 95% bootstrap intervals. Then a 100-step loop of the
-   MLP in one block (the cost per backward, the report after it, the memory the
-   recorder holds), and the whole `%%grad` cell path in an in-process IPython
-   shell, with the report's HTML.
+1. The whole `%%grad` cell path per training step (forward + backward +
+   optimizer step inside `gradmagic.watch()`, then the report, its HTML and its
+   text), default options and `copies=True`, against the plain step, on a tiny
+   MLP, a ResNet-18, a ~27M-parameter transformer LM and a model of 2,000
+   parameter tensors. Each watched variant runs interleaved with plain steps of
+   its own (A B, B A, ...); each is compared with the plain step of the same
+   round, and the table gives medians with 95% bootstrap intervals, for the whole
+   path and for the capture alone. Then a 100-step loop of the MLP in one block
+   (the cost per backward, the report after it, the memory the recorder holds),
+   and `%%grad` cells in an in-process IPython shell.
 2. `graph.py`: snapshot, drawing and rendering against torchviz.
 3. Memory (`memory.py`): bytes gradmagic holds after a cell, peak RSS, and a
    100-run leak check.
@@ -60,6 +61,7 @@ FULL_SIZES: dict[str, dict[str, Any]] = {
     "mlp": {},
     "resnet": {"batch": 16, "image": 128},
     "transformer": {"batch": 8, "seq": 64},
+    "many": {},
 }
 
 
@@ -84,7 +86,7 @@ FULL = Config(
     # Steps on a small VM vary by ±5-10% each (memory returned to the OS and faulted
     # back every step): the default variant gets enough rounds for a 95% interval of
     # about ±2% on the median ratio; copies=True, whose target is looser, half as many.
-    rounds={"mlp": 1000, "resnet": 81, "transformer": 61},
+    rounds={"mlp": 1000, "resnet": 81, "transformer": 61, "many": 41},
     cell_rounds=60,
     held_runs=3,
     leak_runs=100,
@@ -95,7 +97,7 @@ FULL = Config(
 QUICK = Config(
     FULL_SIZES,
     warmup=1,
-    rounds={"mlp": 50, "resnet": 3, "transformer": 3},
+    rounds={"mlp": 50, "resnet": 3, "transformer": 3, "many": 3},
     cell_rounds=10,
     held_runs=2,
     leak_runs=100,
@@ -107,7 +109,7 @@ QUICK = Config(
 SMOKE = Config(
     models.TINY,
     warmup=0,
-    rounds={"mlp": 5, "resnet": 1, "transformer": 1},
+    rounds={"mlp": 5, "resnet": 1, "transformer": 1, "many": 1},
     cell_rounds=2,
     held_runs=2,
     leak_runs=3,
@@ -125,14 +127,16 @@ class StepResult:
     workload: str
     description: str
     params: int
-    variants: dict[str, Compared]
+    variants: dict[str, Compared]  # the whole cell path: block, report, HTML, text
     cpu: dict[str, Compared] = field(default_factory=dict)  # the same in process CPU time
+    capture: dict[str, Compared] = field(default_factory=dict)  # the block alone
     # variant -> phase -> median extra seconds against plain (paired by round)
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
     plain_phases: dict[str, float] = field(default_factory=dict)
     internal_errors: list[str] = field(default_factory=list)
-    report_s: float = float("nan")  # rec.report() after a default watched step
-    html_s: float = float("nan")  # report._repr_html_()
+    # default variant: median seconds of `rec.report()`, `_repr_html_()`, `repr()`
+    report_parts: dict[str, float] = field(default_factory=dict)
+    html_bytes: int = 0
 
 
 def bench_step(key: str, cfg: Config, graph: bool) -> StepResult:
@@ -145,20 +149,38 @@ def bench_step(key: str, cfg: Config, graph: bool) -> StepResult:
     errors: list[str] = []
     # Phase times per variant; plain steps are kept per pairing ("plain/default").
     phases: dict[str, dict[str, list[float]]] = {}
+    parts: dict[str, list[float]] = {"report": [], "html": [], "text": []}
+    html_bytes = [0]
 
     def variant(name: str, into: str, **kwargs: Any) -> Callable[[], None]:
         def block() -> Any:
             return gradmagic.watch(ns, history=histories[name], graph=graph, **kwargs)
 
         def run() -> None:
-            rec = phased_step(w, phases.setdefault(into, {}), block if name != "plain" else None)
+            timing = phases.setdefault(into, {})
+            rec = phased_step(w, timing, block if name != "plain" else None)
+            t0 = time.perf_counter()
             if rec is not None:
+                # What a `%%grad` user waits for after the block: the report, as HTML
+                # (a notebook) and as text (IPython shows both formats of a result).
                 errors.extend(rec.internal_errors)
+                report = rec.report()
+                t1 = time.perf_counter()
+                html = report._repr_html_()
+                t2 = time.perf_counter()
+                repr(report)
+                t3 = time.perf_counter()
+                if name == "default":
+                    for part, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+                        parts[part].append(dt)
+                    html_bytes[0] = len(html.encode("utf-8"))
+                del report, html
+            timing.setdefault("report", []).append(time.perf_counter() - t0)
 
         return run
 
     rounds = {"default": cfg.rounds[key], "copies": max(1, cfg.rounds[key] // 2)}
-    variants, cpu_variants = {}, {}
+    variants, cpu_variants, capture = {}, {}, {}
     extra, plain = {}, {}
     # Each watched variant runs against plain steps of its own (A B, B A, ...): what one
     # variant does to the allocator (copies=True copies every gradient) never lands in
@@ -170,6 +192,9 @@ def bench_step(key: str, cfg: Config, graph: bool) -> StepResult:
         times = interleaved(fns, n, cfg.warmup, cpu)
         variants[name] = compare(times, "plain")[name]
         cpu_variants[name] = compare(cpu, "plain")[name]
+        reports = phases[name]["report"][-n:]
+        blocks = {"plain": times["plain"], name: [t - r for t, r in zip(times[name], reports)]}
+        capture[name] = compare(blocks, "plain")[name]
         if name == "default":
             variants["plain"] = compare(times, "plain")["plain"]
             cpu_variants["plain"] = compare(cpu, "plain")["plain"]
@@ -180,31 +205,21 @@ def bench_step(key: str, cfg: Config, graph: bool) -> StepResult:
         }
         if name == "default":
             plain = {ph: statistics.median(base[ph][-n:]) for ph in PHASES}
-    result = StepResult(
+    n = rounds["default"]
+    return StepResult(
         key,
         w.name,
         w.description,
         w.n_params,
         variants,
         cpu_variants,
+        capture,
         extra,
         plain,
         sorted(set(errors)),
+        {part: statistics.median(ts[-n:]) for part, ts in parts.items()},
+        html_bytes[0],
     )
-    # What a `%%grad` user waits for after the cell: the report and its HTML (graph drawn).
-    report_times, html_times = [], []
-    for _ in range(2):
-        with gradmagic.watch(ns, history=histories["default"], graph=graph) as rec:
-            w.step()
-        t0 = time.perf_counter()
-        report = rec.report()
-        t1 = time.perf_counter()
-        report._repr_html_()
-        report_times.append(t1 - t0)
-        html_times.append(time.perf_counter() - t1)
-        del rec, report
-    result.report_s, result.html_s = min(report_times), min(html_times)
-    return result
 
 
 # --- a training loop inside one watched block ------------------------------------
@@ -298,9 +313,9 @@ CELL_SETUPS = {
 class CellResult:
     name: str
     plain_ms: float
-    grad_ms: float  # run_cell("%%grad -q -o rep ...") + rep._repr_html_()
+    grad_ms: float  # run_cell("%%grad -q -o rep ...") + rep._repr_html_() + repr(rep)
     cell_ms: float  # the run_cell part alone
-    html_ms: float  # rep._repr_html_() alone
+    html_ms: float  # rep._repr_html_() and repr(rep)
     ratio: float
     samples: int
     html_bytes: int
@@ -337,6 +352,7 @@ def bench_cells(shell: Any, cfg: Config, graph: bool) -> list[CellResult]:
             _run(shell, f"%%grad {flags}\n{cell}")
             t1 = time.perf_counter()
             html = shell.user_ns["rep"]._repr_html_()
+            repr(shell.user_ns["rep"])
             t2 = time.perf_counter()
             parts["cell"].append(t1 - t0)
             parts["html"].append(t2 - t1)
@@ -506,7 +522,7 @@ def _main(args: argparse.Namespace, cfg: Config, graph: bool) -> str:
 
     started, load0, speed0 = time.time(), _load(), speed_reference()
     sections = set(args.only or ("steps", "loop", "cells", "graph", "memory"))
-    keys = args.models or ["mlp", "resnet", "transformer"]
+    keys = args.models or list(models.BUILDERS)
     info = machine()
     print(" · ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     if not graph:
@@ -519,9 +535,9 @@ def _main(args: argparse.Namespace, cfg: Config, graph: bool) -> str:
             steps[key] = r = bench_step(key, cfg, graph)
             d, c = r.variants["default"], r.variants["copies"]
             print(
-                f"{r.workload:>16}: plain {ms(r.variants['plain'].median_s)}, "
-                f"default {d.ratio:.3f}× ({ms(d.extra_s, True)}), "
-                f"copies {c.ratio:.3f}× ({ms(c.extra_s, True)})  [{time.time() - t0:.0f} s]",
+                f"{r.workload:>16}: plain {ms(r.variants['plain'].median_s)}, whole cell "
+                f"{d.ratio:.3f}× ({ms(d.extra_s, True)}; capture {r.capture['default'].ratio:.3f}×"
+                f"), copies {c.ratio:.3f}× ({ms(c.extra_s, True)})  [{time.time() - t0:.0f} s]",
                 flush=True,
             )
     loop = bench_loop(cfg, graph) if "loop" in sections else None

@@ -14,7 +14,7 @@ from typing import Any
 
 import models
 
-PHASES = ("enter", "forward", "backward", "optimizer", "exit")
+PHASES = ("enter", "forward", "backward", "optimizer", "exit", "report")
 
 
 def interleaved(

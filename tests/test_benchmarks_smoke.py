@@ -46,10 +46,18 @@ def test_smoke_run_writes_every_section(run, tmp_path):
     out = tmp_path / "results.md"
     text = run.main(["--smoke", "--out", str(out)])
     assert out.read_text(encoding="utf-8") == text
-    for heading in ("## 1. Overhead", "## 2. Graph", "## 3. Memory", "## Targets"):
+    for heading in ("## 1. The whole cell path", "## 2. Graph", "## 3. Memory", "## Targets"):
         assert heading in text
-    for workload in ("tiny MLP", "ResNet-18", "Transformer LM"):
+    for workload in ("tiny MLP", "ResNet-18", "Transformer LM", "2,000 tensors"):
         assert f"| {workload} |" in text
+    for target in (
+        "ResNet-18: whole cell path (capture, report, HTML, text) ≤ 1.10×",
+        "27M transformer: whole cell path (capture, report, HTML, text) ≤ 1.10×",
+        "2,000 parameter tensors: report + HTML + text < 300 ms",
+        "2,000 parameter tensors: HTML < 500 KB",
+        "seed-sized `%%grad` cell with its report (HTML and text) < 30 ms, warm",
+    ):
+        assert f"| {target} |" in text
     assert "tiny MLP cell" in text and "seed cell" in text
     assert "### A training loop in one cell" in text
     # Ratios come with their bootstrap interval.

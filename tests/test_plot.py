@@ -67,22 +67,18 @@ def test_none_and_nan_leaves_are_marked_not_drawn(ip, images):
     assert "no gradient" in svg and "NaN/Inf" in svg
 
 
-def test_chart_leaves_the_users_matplotlib_alone():
+def test_chart_needs_no_plotting_library():
     code = (
-        "import sys, torch, matplotlib, gradmagic\n"
+        "import sys, torch, gradmagic\n"
         "from torch import nn\n"
-        "rc = matplotlib.rcParams  # read around __getitem__, which would resolve the backend\n"
-        "settings = lambda: {k: dict.__getitem__(rc, k) for k in dict.keys(rc)}\n"
-        "before = settings()\n"
         "model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(5)])\n"
         "with gradmagic.watch({'model': model}) as rec:\n"
         "    model(torch.randn(2, 3)).sum().backward()\n"
         "html = rec.report()._repr_html_()\n"
-        "print('gradmagic-flow' in html, 'matplotlib.pyplot' in sys.modules,\n"
-        "      settings() == before)\n"
+        "print('gradmagic-flow' in html, 'matplotlib' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "False", "True"]
+    assert out.stdout.split() == ["True", "False"]
 
 
 def test_chart_is_the_same_svg_each_time(ip):

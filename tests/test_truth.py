@@ -357,7 +357,7 @@ def test_a_report_built_after_the_gradients_were_zeroed_draws_what_was_recorded(
         model(torch.randn(2, 4)).sum().backward()
     model.zero_grad()  # gone before anyone asks for the report
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # matplotlib's "No artists with labels" included
+        warnings.simplefilter("error")
         rep = rec.report()
         svg = rep.flow.svg()
     assert all(p.rms and p.max_abs for p in rep.flow.points)
