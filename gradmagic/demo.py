@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "demo_notebooks"
+
+def _notebook_dir() -> Path:
+    """The demo notebooks: installed from a wheel, the copy inside the package;
+    in a checkout, `demo_notebooks/` beside the package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "demo_notebooks"
+    return installed if installed.is_dir() else package.parent / "demo_notebooks"
+
+
+NOTEBOOK_DIR = _notebook_dir()
 DEFAULT_OUT = Path("gradmagic-demo")
 CELL_TIMEOUT_S = 300
 
@@ -55,9 +64,7 @@ def find_notebooks(names: Sequence[str] = ()) -> list[Path]:
     if not names:
         if not available:
             raise DemoError(
-                f"no demo notebooks in {NOTEBOOK_DIR}: they ship with the source repository "
-                "(demo_notebooks/), not with an installed wheel; run from a checkout, "
-                "or pass notebook paths."
+                f"no demo notebooks in {NOTEBOOK_DIR}: reinstall gradmagic, or pass notebook paths."
             )
         return available
     found = []

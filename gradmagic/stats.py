@@ -20,6 +20,7 @@ from __future__ import annotations
 import cmath
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -392,11 +393,38 @@ def is_empty(value: Any) -> bool:
     return value is None or is_zero(value)
 
 
+# Exact copies (`copies=True`, `values=N`) of more elements than this are shown, and
+# checked, through their summary: PyTorch's repr would elide most of the numbers and costs
+# about a millisecond per hundred elements.
+PRINT_LIMIT = 64
+# id(copy) -> (a weak reference to it, its summary); an entry goes with its copy.
+_summaries: dict[int, tuple[weakref.ref[torch.Tensor], TensorSummary]] = {}
+
+
+def summary_of(copy: torch.Tensor) -> TensorSummary:
+    """One of gradmagic's own exact copies (never mutated) as a summary (norm, range,
+    NaN/Inf counts), computed once per copy: the report's table, text, chart and findings
+    share it."""
+    key = id(copy)
+    held = _summaries.get(key)
+    if held is not None and held[0]() is copy:
+        return held[1]
+    (summary,) = read_values([copy], keep=0, copies=False)
+    try:
+        ref = weakref.ref(copy, lambda _, key=key: _summaries.pop(key, None))
+    except TypeError:  # a tensor that cannot be weakly referenced: not kept
+        return summary
+    _summaries[key] = (ref, summary)
+    return summary
+
+
 def nonfinite(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         v, _ = computable(value)
         if v is None or v.numel() == 0:
             return False
+        if v.numel() > PRINT_LIMIT:
+            return summary_of(value).nonfinite
         numbers = _small_numbers(v)
         if numbers is not None:
             return not finite_numbers(numbers)
@@ -412,6 +440,8 @@ def norm_of(value: Any) -> float | None:
         return value.norm
     if isinstance(value, torch.Tensor):
         v, _ = computable(value)
+        if v is not None and v.numel() > PRINT_LIMIT:
+            return summary_of(value).norm
         return norms([v])[0] if v is not None else None
     return None
 

@@ -306,3 +306,22 @@ def test_small_norms_from_numbers_match_torch_and_its_nan_and_inf():
             assert got == pytest.approx(expected, rel=1e-6)
     assert stats.norms([torch.tensor([3.0, 4.0])]) == [5.0]
     assert stats.norms([None]) == [None]  # values that could not be read
+
+
+def test_large_exact_copies_show_as_a_summary_read_once():
+    from gradmagic import stats
+    from gradmagic.report.cells import value_text
+
+    w = torch.zeros(100, requires_grad=True)
+    with gradmagic.watch({"w": w}, copies=True) as rec:
+        (w * torch.arange(100.0)).sum().backward()
+    [row] = rec.report().rows
+    assert isinstance(row.after, torch.Tensor) and torch.equal(row.after, torch.arange(100.0))
+    # ‖0..99‖ = √328350 = 573.02; printed as a summary, not 100 numbers.
+    assert value_text(row.after) == "‖g‖=573 x∈[0, 99]"
+    assert stats.summary_of(row.after) is stats.summary_of(row.after)  # read once
+    assert stats.norm_of(row.after) == pytest.approx(328350**0.5, rel=1e-6)
+    with_nan = row.after.clone()
+    with_nan[3] = float("nan")
+    assert value_text(with_nan) == "NaN! 1 ‖g‖=nan x∈[0, 99]"
+    assert stats.nonfinite(with_nan) and not stats.nonfinite(row.after)

@@ -29,6 +29,8 @@ def value_text(value: Any, symbol: str = "g") -> str:
     """A value in a table: a small tensor's numbers as PyTorch prints them, without the
     `tensor(...)` around them (shape and dtype have their own columns); a summary in one
     line, lovely-tensors style, its norm named `‖symbol‖`."""
+    if isinstance(value, torch.Tensor) and stats.numel_of(value) > stats.PRINT_LIMIT:
+        return stats.summary_of(value).text(symbol)
     if isinstance(value, torch.Tensor):
         text = stats.format_value(value)
         if text.startswith("tensor(") and text.endswith(")"):

@@ -49,7 +49,13 @@ TH = (
     "text-align:left;padding:3px 8px;white-space:nowrap;background:#f3f4f6;color:#111827;"
     "border:0;border-bottom:1px solid #d1d5db;font-weight:600"
 )
-TD = "text-align:left;padding:2px 8px;white-space:nowrap;vertical-align:top"
+TD = "text-align:left;padding:2px 5px;white-space:nowrap;vertical-align:top"
+# Names and values wrap when the column is narrow (names after `.`, `_`, `[`...), so that
+# an automatic-layout table fits the notebook column before it needs to scroll.
+WRAP = "white-space:normal;overflow-wrap:break-word"
+NOWRAP_WIDTH = 12  # characters: `[100., 100.]` and `‖g‖=0.02912` never wrap
+NAME_MIN = "min-width:10ch"  # a squeezed name column still shows a word per line
+_NAME_BREAK = re.compile(r"(?<=[._\[=/'\"-])(?=.)")
 CODE = f"background: #f3f4f6; color: #111827; padding: 0 3px; border-radius: 3px; {MONO}"
 
 # status -> (row background, badge background, badge text)
@@ -135,12 +141,19 @@ def row_open(attrs: str, background: str) -> str:
     return f'<tr {attrs}style="background:{background};border:0;border-bottom:1px solid {LINE}">'
 
 
+def name_html(name: str) -> str:
+    """A name, escaped, with line-break opportunities after `.`, `_`, `[`, `=`, `/`, `-`
+    and quotes."""
+    return "<wbr>".join(esc(part) for part in _NAME_BREAK.split(name))
+
+
 def value_cell(cls: str, text: str, style: str = "", width: int = VALUE_WIDTH) -> str:
     """A table cell: short text whole; long text shortened, the full one in `title` and in
     a `<details>` to open."""
     text = " ".join(text.split())
     short = clip(text, width)
-    base = f'<td class="{cls}" style="{TD}{";" + style if style else ""}"'
+    wrap = f";{WRAP}" if len(short) > NOWRAP_WIDTH else ""  # a short value stays on one line
+    base = f'<td class="{cls}" style="{TD}{wrap}{";" + style if style else ""}"'
     if short == text:
         return f"{base}>{esc(text)}</td>"
     return (
@@ -170,16 +183,18 @@ def _table(report: Any, uid: str) -> str:
             after = after.removesuffix("</td>") + later + "</td>"
         body.append(
             row_open(f'id="{uid}-row{i}" data-status="{esc(r.status)}" ', row_bg)
-            + f'<td class="gm-name" style="{TD};font-weight:600"{title}>{esc(r.name)}</td>'
+            + f'<td class="gm-name" style="{TD};{WRAP};{NAME_MIN};font-weight:600"{title}>'
+            f"{name_html(r.name)}</td>"
             f'<td class="gm-status" style="{TD}"><span style="background:{badge_bg};'
-            f'color:{badge_fg};border-radius:8px;padding:1px 8px;font-weight:600">'
+            f"color:{badge_fg};border-radius:8px;padding:1px 5px;font-size:11px;"
+            f'font-weight:600">'
             f"{esc(r.status)}</span></td>"
             f'<td class="gm-runs" style="{TD};text-align:right">{r.runs}</td>'
             + value_cell("gm-added", added_text(r), strong)
             + value_cell("gm-before", value_text(r.before))
             + after
             + f'<td class="gm-shape" style="{TD}">{esc(shape_text(r.shape))}</td>'
-            f'<td class="gm-dtype" style="{TD}">{esc(r.dtype)} / {esc(r.device)}</td></tr>'
+            f'<td class="gm-dtype" style="{TD};{WRAP}">{esc(r.dtype)} / {esc(r.device)}</td></tr>'
         )
     more = (
         f'<div style="color: {MUTED};">{code_spans(_left_out(hidden, "rep.table"))}</div>'
@@ -216,7 +231,8 @@ def _steps(report: Any) -> str:
         for p in params[: max(0, MAX_STEP_ROWS - drawn)]:
             drawn += 1
             body.append(
-                row_open("", "#ffffff") + f'<td style="{TD};font-weight:600">{esc(p.name)}</td>'
+                row_open("", "#ffffff")
+                + f'<td style="{TD};{WRAP};font-weight:600">{name_html(p.name)}</td>'
                 f'<td style="{TD}">{esc(shape_text(p.shape))}</td>'
                 + "".join(
                     value_cell(f"gm-step-{column}", text)

@@ -107,6 +107,8 @@ def _magnitudes(value: Any) -> tuple[float | None, float | None]:
         if value.min is not None and value.max is not None:
             top = max(abs(value.min), abs(value.max))
         return value.norm / math.sqrt(value.numel), top
+    if isinstance(value, torch.Tensor) and stats.numel_of(value) > stats.PRINT_LIMIT:
+        return _magnitudes(stats.summary_of(value))
     if isinstance(value, torch.Tensor):
         v, _ = stats.computable(value)
         if v is None or v.numel() == 0:
