@@ -204,6 +204,18 @@ def test_a_dispatch_mode_sees_the_same_ops_with_and_without_watching():
     assert watched == plain
 
 
+def test_showing_a_report_inside_a_dispatch_mode_runs_no_op_there():
+    # Large exact copies are summarised when the report is shown: never in the user's mode.
+    w = torch.ones(300, requires_grad=True)
+    with gradmagic.watch({"w": w}, copies=True) as rec:
+        (w * 2).sum().backward()
+    report = rec.report()
+    with OpLog() as log:
+        text, html = repr(report), report._repr_html_()
+    assert log.ops == []
+    assert "‖g‖=34.64" in text and "‖g‖=34.64" in html  # ‖2·1‖ over 300 elements = 2√300
+
+
 # --- 5. no warning gradmagic's reads would cause -------------------------------------------------
 
 

@@ -283,19 +283,24 @@ class GradReport:
     def __repr__(self) -> str:
         from .text import report_text
 
-        return report_text(self)
+        # Formatting reads gradmagic's own copies: out of the user's modes and grad mode.
+        with _engine.quiet():
+            return report_text(self)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         """Terminal IPython with its colours on gets a coloured report; elsewhere (Jupyter's
         text fallback, logs) the plain one."""
         from .text import report_text
 
-        printer.text(report_text(self, color=_terminal_colours()))
+        with _engine.quiet():
+            text = report_text(self, color=_terminal_colours())
+        printer.text(text)
 
     def _repr_html_(self) -> str:
         from .html import report_html
 
-        return report_html(self)
+        with _engine.quiet():
+            return report_html(self)
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write a standalone HTML page with the findings, table and graphs."""
