@@ -461,3 +461,83 @@ def test_clean_training_step_has_no_warnings(ip):
         assert [f.kind for f in rep.findings] == ["optimizer-step"]
         assert list(rep.table.index) == ["head.weight", "head.bias"]
         assert set(rep.table["status"]) == {"new"}
+
+
+COMPILED = (
+    MLP + "cmodel = torch.compile(model, backend='aot_eager')\n"
+    "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+)
+
+
+@pytest.mark.slow
+def test_a_compiled_module_is_one_opaque_op_said_by_name(ip, images):
+    ip.run(COMPILED)
+    plain = {n: p.detach().clone() for n, p in ip.ns["model"].named_parameters()}
+    step = "opt.zero_grad()\nloss = nn.functional.mse_loss(cmodel(x), y)\nloss.backward()\n"
+    ip.run("%%grad -q -o rep\n" + step)
+    rep = ip.ns["rep"]
+    [finding] = _findings(rep, "compiled-region")
+    assert finding.severity == "info" and finding.tensors == ("cmodel",)
+    assert finding.message.startswith(
+        "`cmodel` (a compiled `Sequential`) ran compiled by `torch.compile`: its backward is "
+        "one op in the graph (`CompiledFunctionBackward`), whose inside is opaque to gradmagic"
+    )
+    assert not _serious(rep)
+    assert [r.status for r in rep.rows] == ["new"] * 4
+    dot = rep.graph.source
+    assert "CompiledFunctionBackward\\ncompiled module cmodel\\n(inside opaque to gradmagic)" in dot
+    assert 'tooltip="compiled module cmodel: the backward of everything' in dot
+    # The same gradients as without gradmagic, bit for bit.
+    grads = {n: p.grad.clone() for n, p in ip.ns["model"].named_parameters()}
+    ip.run("opt.zero_grad()\n" + step)
+    for n, p in ip.ns["model"].named_parameters():
+        assert torch.equal(p.grad, grads[n]) and torch.equal(p.detach(), plain[n])
+
+
+def test_no_compiled_region_finding_without_torch_compile(ip):
+    ip.run(MLP)
+    ip.run("%%grad -q -o rep\nnn.functional.mse_loss(model(x), y).backward()\n")
+    rep = ip.ns["rep"]
+    assert not _findings(rep, "compiled-region")
+    assert "opaque" not in rep.graph.source
+
+
+def test_torch_func_grad_is_said_to_be_unobserved(ip):
+    ip.run("from torch.func import grad, vmap\nx = torch.tensor([1.0, 2.0, 3.0])")
+    ip.run("%%grad -q -o rep\ng = grad(lambda t: (t**3).sum())(x)\n")
+    rep = ip.ns["rep"]
+    assert torch.equal(ip.ns["g"], torch.tensor([3.0, 12.0, 27.0]))
+    assert rep.rows == [] and not _findings(rep, "no-backward")
+    [finding] = _findings(rep, "func-transform")
+    assert finding.message == (
+        "The cell uses `grad`: torch.func transforms are not observed by gradmagic. The "
+        "gradients a transform returns are values, not `.grad`, so they have no rows here; "
+        "pass them to `print()` or keep them in a variable to see them."
+    )
+    ip.run("%%grad -q -o rep\nsq = torch.vmap(lambda t: t * t)(x)\n")
+    rep = ip.ns["rep"]
+    [finding] = _findings(rep, "func-transform")
+    assert finding.message.startswith("The cell uses `torch.vmap`: torch.func transforms")
+    assert not _findings(rep, "no-backward")
+
+
+def test_a_transform_beside_a_backward_is_said_and_the_backward_observed(ip):
+    ip.run("import torch.func\nw = torch.tensor([1.0, 2.0], requires_grad=True)")
+    ip.run(
+        "%%grad -q -o rep\n"
+        "h = torch.func.jacrev(lambda t: t * t)(w.detach())\n"
+        "(w * 3).sum().backward()\n"
+    )
+    rep = ip.ns["rep"]
+    assert torch.equal(rep.table.loc["w", "after"], torch.tensor([3.0, 3.0]))
+    [finding] = _findings(rep, "func-transform")
+    assert finding.message.startswith("The cell uses `torch.func.jacrev`:")
+
+
+def test_a_name_that_is_no_transform_is_not_taken_for_one(ip):
+    ip.run("def grad(t):\n    return t * 2\nx = torch.tensor([1.0], requires_grad=True)")
+    ip.run("%%grad -q -o rep\ny = grad(x)\n")
+    rep = ip.ns["rep"]
+    assert not _findings(rep, "func-transform")
+    [finding] = _findings(rep, "no-backward")
+    assert finding.message == "No backward ran in this cell: nothing reached the autograd engine."
