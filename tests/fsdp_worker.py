@@ -20,9 +20,16 @@ from torch.distributed.tensor import Shard, distribute_tensor
 import gradmagic
 from gradmagic import stats
 
-STEP = "opt.zero_grad()\nloss = ((model(x) - y) ** 2).mean()\nloss.backward()\nopt.step()\n"
+STEP = (
+    "opt.zero_grad()\n"
+    "loss = ((model(x) - y) ** 2).mean()\n"
+    "loss.backward()\n"
+    "clip_grad_norm_(model.parameters(), 0.5)\n"
+    "opt.step()\n"
+)
 NO_SYNC = "loss = ((model(x) - y) ** 2).mean()\nloss.backward()\n"
 LEAF = "loss = (w * w).sum()\nloss.backward()\n"
+CLIP = {"clip_grad_norm_": nn.utils.clip_grad_norm_}
 
 
 def build(mesh):
@@ -62,6 +69,7 @@ def report_facts(rep, model):
             for p in s.params
         ],
         "findings": [[f.kind, f.message] for f in rep.findings],
+        "then": {r.name: [c.what for c in r.then] for r in rep.rows},
         "errors": rep.errors,
         "text": repr(rep),
         "html": rep._repr_html_(),
@@ -80,8 +88,8 @@ def main(out: str) -> None:
     for step in range(2):
         torch.manual_seed(100 + 10 * step + rank)
         x, y = torch.randn(4, 8), torch.randn(4, 4)
-        exec(STEP, {"model": plain, "opt": plain_opt, "x": x, "y": y})
-        ns = {"model": watched, "opt": watched_opt, "x": x, "y": y}
+        exec(STEP, {"model": plain, "opt": plain_opt, "x": x, "y": y, **CLIP})
+        ns = {"model": watched, "opt": watched_opt, "x": x, "y": y, **CLIP}
         with gradmagic.watch(ns, source=STEP) as rec:
             exec(STEP, ns)
         results["reports"].append(report_facts(rec.report(), watched))

@@ -485,13 +485,32 @@ def test_a_compiled_module_is_one_opaque_op_said_by_name(ip, images):
     assert not _serious(rep)
     assert [r.status for r in rep.rows] == ["new"] * 4
     dot = rep.graph.source
-    assert "CompiledFunctionBackward\\ncompiled module cmodel\\n(inside opaque to gradmagic)" in dot
+    label = "CompiledFunctionBackward\\nsaved: 3 tensors\\ncompiled module cmodel\\n"
+    assert label + '(inside opaque to gradmagic)"' in dot
     assert 'tooltip="compiled module cmodel: the backward of everything' in dot
     # The same gradients as without gradmagic, bit for bit.
     grads = {n: p.grad.clone() for n, p in ip.ns["model"].named_parameters()}
     ip.run("opt.zero_grad()\n" + step)
     for n, p in ip.ns["model"].named_parameters():
         assert torch.equal(p.grad, grads[n]) and torch.equal(p.detach(), plain[n])
+
+
+@pytest.mark.slow
+def test_a_compiled_function_is_named_in_the_finding(ip):
+    ip.run(
+        "w = torch.tensor([1.0, 2.0], requires_grad=True)\n"
+        "@torch.compile(backend='aot_eager')\n"
+        "def cube_sum(t):\n    return (t**3).sum()\n"
+    )
+    ip.run("%%grad -q -o rep\nloss = cube_sum(w)\nloss.backward()\n")
+    rep = ip.ns["rep"]
+    assert torch.equal(rep.table.loc["w", "after"], torch.tensor([3.0, 12.0]))  # 3w²
+    [finding] = _findings(rep, "compiled-region")
+    assert finding.message.startswith(
+        "`cube_sum` (the compiled function `cube_sum`) ran compiled by `torch.compile`: its "
+        "backward is one op in the graph"
+    )
+    assert "a torch.compile region\\n(inside opaque to gradmagic)" in rep.graph.source
 
 
 def test_no_compiled_region_finding_without_torch_compile(ip):
@@ -511,9 +530,10 @@ def test_torch_func_grad_is_said_to_be_unobserved(ip):
     [finding] = _findings(rep, "func-transform")
     assert finding.message == (
         "The cell uses `grad`: torch.func transforms are not observed by gradmagic. The "
-        "gradients a transform returns are values, not `.grad`, so they have no rows here; "
-        "pass them to `print()` or keep them in a variable to see them."
+        "gradients a transform returns are ordinary tensors, not `.grad`, so they have no "
+        "rows here."
     )
+    assert [f.kind for f in rep.findings] == ["func-transform"]
     ip.run("%%grad -q -o rep\nsq = torch.vmap(lambda t: t * t)(x)\n")
     rep = ip.ns["rep"]
     [finding] = _findings(rep, "func-transform")

@@ -12,6 +12,7 @@ from ._base import Finding, call, listing, root, rule
 
 FREED_GRAPH_ERROR = "Trying to backward through the graph a second time"
 NO_GRAD_ERROR = "does not require grad and does not have a grad_fn"
+TRANSFORM = "inside a torch.func transform"  # how capture says why it left a call alone
 
 
 def _shown(value: Any) -> str:
@@ -142,8 +143,8 @@ def retain_graph(block: BlockRecord) -> Iterator[Finding]:
 def _transforms_text(block: BlockRecord) -> str:
     return (
         f"The cell uses {listing(block.transforms)}: torch.func transforms are not observed by "
-        f"gradmagic. The gradients a transform returns are values, not `.grad`, so they have "
-        f"no rows here; pass them to `print()` or keep them in a variable to see them."
+        f"gradmagic. The gradients a transform returns are ordinary tensors, not `.grad`, so "
+        f"they have no rows here."
     )
 
 
@@ -174,11 +175,13 @@ def no_backward(block: BlockRecord) -> Iterator[Finding]:
 
 @rule
 def unobserved(block: BlockRecord) -> Iterator[Finding]:
-    if block.unobserved and (block.backwards or block.steps or block.transforms):
+    # Calls inside the transforms the code uses are said by `transforms`.
+    said = [u for u in block.unobserved if not (block.transforms and TRANSFORM in u)]
+    if said and (block.backwards or block.steps or block.transforms):
         yield Finding(
             "not-observed",
             "info",
-            f"{'; '.join(block.unobserved)} (gradmagic leaves calls inside a transform alone).",
+            f"{'; '.join(said)} (gradmagic leaves calls inside a transform alone).",
         )
 
 
