@@ -173,12 +173,6 @@ def fsdp_unsharded() -> dict[int, ShardedParam]:
 # --- compiled regions -----------------------------------------------------------------------------
 
 
-def is_compiled_region(node: Any) -> bool:
-    """A backward node of a region torch.compile compiled (AOTAutograd's `CompiledFunction`):
-    one node for all the ops inside, which gradmagic does not see."""
-    return op_name(node).startswith("CompiledFunction")
-
-
 def compiled_callables(namespace: Any) -> list[tuple[str, str]]:
     """(variable, what it compiled) for each `torch.compile` result in a namespace: a
     compiled module (`OptimizedModule`, its `_orig_mod`) or a compiled function."""

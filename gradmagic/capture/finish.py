@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import _engine, stats
+from ..graph.data import is_compiled_op
 from ..history import RunEntry
 from ..records import BlockRecord, EditEvent, LeafRecord, ModuleFact, OptimizerSteps, ParamStep
 from ..source import dotted_names, grad_reads, names_in
@@ -68,7 +69,7 @@ def _compiled_ops(recorder: Any) -> int:
         if snap is None or id(snap) in seen:
             continue
         seen.add(id(snap))
-        count += sum(n.kind == "op" and n.op.startswith("CompiledFunction") for n in snap.nodes)
+        count += sum(n.kind == "op" and is_compiled_op(n.op) for n in snap.nodes)
     return count
 
 

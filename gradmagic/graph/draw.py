@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .data import Edge, GraphNode, GraphSnapshot, flow_text
+from .data import Edge, GraphNode, GraphSnapshot, flow_text, is_compiled_op
 from .modules import ModuleSpans
 from .snapshot import gc_paused, snapshot, start_node
 
@@ -350,7 +350,7 @@ class _Drawing:
                 saved = saved[: _MAX_SAVED_LINES - 1] + [f"+{more} more saved"]
             lines += [n.op, *saved]
             attrs = self.style("root" if n.is_root else "op")
-            if n.op.startswith("CompiledFunction"):
+            if is_compiled_op(n.op):
                 lines += self.compiled(n, attrs)
         lines += self.summed.get(n.id, [])
         if n.is_input:
