@@ -73,6 +73,7 @@ def report_facts(rep, model):
         "errors": rep.errors,
         "text": repr(rep),
         "html": rep._repr_html_(),
+        "dot": rep.graph.source,
         "local_norms": local,
     }
 

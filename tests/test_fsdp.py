@@ -67,6 +67,9 @@ def _common(result: dict) -> None:
         # clip_grad_norm_ scaled every gradient after the backward, and the step used that.
         assert rep["then"] == {name: ["scaled"] for name in PARAMS}
         assert "received none" not in rep["text"] and "leaf #" not in rep["text"]
+        assert "leaf #" not in rep["dot"] and "leaf #" not in rep["html"]
+        for name in PARAMS:  # the graph's leaves are the parameters, by name
+            assert f'label="{name}\\n' in rep["dot"]
         assert [row[0] for row in rep["steps"]] == PARAMS
 
 
