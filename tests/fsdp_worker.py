@@ -91,7 +91,7 @@ def main(out: str) -> None:
         x, y = torch.randn(4, 8), torch.randn(4, 4)
         exec(STEP, {"model": plain, "opt": plain_opt, "x": x, "y": y, **CLIP})
         ns = {"model": watched, "opt": watched_opt, "x": x, "y": y, **CLIP}
-        with gradmagic.watch(ns, source=STEP) as rec:
+        with gradmagic.watch(ns, source=STEP, plot=True) as rec:
             exec(STEP, ns)
         results["reports"].append(report_facts(rec.report(), watched))
     results["identical"] = all(

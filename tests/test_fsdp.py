@@ -92,6 +92,7 @@ def test_fsdp2_two_ranks_shows_each_rank_its_shard(tmp_path):
                 assert before["numel"] == end["numel"] == local
                 assert before["text"].startswith(f"this rank's shard ({local} of ")
             assert "this rank's shard (32 of 64 elements): ‖g‖=" in rep["text"]
+            assert "gradient flow, of this rank's shards: RMS |grad| from " in rep["text"]
     # Gradient sync off: each gradient stays whole on the unsharded parameter.
     for result in results:
         no_sync = result["no_sync"]
@@ -118,6 +119,7 @@ def test_fsdp2_one_rank_reads_whole_gradients(tmp_path):
         weight = rep["after"]["model.0.weight"]
         assert weight["numel"] == 64 and weight["text"].startswith("‖g‖=")
         assert "this rank's" not in rep["text"]
+        assert "gradient flow: RMS |grad| from " in rep["text"]
     leaf = result["leaf"]
     assert leaf["rows"] == [["w", "new"]]
     assert leaf["after"]["w"]["values"] == [2.0 * v for v in range(8)]
