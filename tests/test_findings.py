@@ -561,3 +561,22 @@ def test_a_name_that_is_no_transform_is_not_taken_for_one(ip):
     assert not _findings(rep, "func-transform")
     [finding] = _findings(rep, "no-backward")
     assert finding.message == "No backward ran in this cell: nothing reached the autograd engine."
+
+
+def test_per_sample_gradients_with_vmap_and_grad_are_said_unobserved(ip):
+    # The torch.func tutorial's per-sample gradients: nothing lands in `.grad`.
+    ip.run(
+        MLP + "from torch.func import functional_call, grad, vmap\n"
+        "params = {k: v.detach() for k, v in model.named_parameters()}\n"
+        "def loss_of(p, xb, yb):\n"
+        "    out = functional_call(model, p, (xb.unsqueeze(0),))\n"
+        "    return nn.functional.mse_loss(out, yb.unsqueeze(0))\n"
+    )
+    ip.run(
+        "%%grad -q -o rep\nper_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, x, y)\n"
+    )
+    rep = ip.ns["rep"]
+    assert ip.ns["per_sample"]["0.weight"].shape == (16, 8, 4)
+    assert all(p.grad is None for p in ip.ns["model"].parameters())
+    assert rep.rows == [] and [f.kind for f in rep.findings] == ["func-transform"]
+    assert rep.findings[0].message.startswith("The cell uses `vmap` and `grad`: torch.func")
