@@ -488,6 +488,8 @@ def test_a_compiled_module_is_one_opaque_op_said_by_name(ip, images):
     label = "CompiledFunctionBackward\\nsaved: 3 tensors\\ncompiled module cmodel\\n"
     assert label + '(inside opaque to gradmagic)"' in dot
     assert 'tooltip="compiled module cmodel: the backward of everything' in dot
+    [svg] = images(rep._repr_html_(), "gradmagic-graph")
+    assert "(inside opaque to gradmagic)" in svg and "torch.compile region" in svg  # legend
     # The same gradients as without gradmagic, bit for bit.
     grads = {n: p.grad.clone() for n, p in ip.ns["model"].named_parameters()}
     ip.run("opt.zero_grad()\n" + step)
