@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,83 @@ def _fake_tensor_type() -> type | None:
 def in_backward() -> bool:
     """Whether this thread runs inside a backward (a reentrant checkpoint's own backward)."""
     return torch._C._current_autograd_node() is not None
+
+
+# --- FSDP2: the parameters a backward reaches are temporaries ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShardedParam:
+    """One FSDP2 parameter: the sharded parameter the user's module holds (a DTensor, which
+    the optimizer steps and whose `.grad` FSDP fills), and whether FSDP reduces gradients
+    into it at the end of each backward (`set_requires_gradient_sync(False)` keeps them on
+    the unsharded parameter instead)."""
+
+    sharded: torch.Tensor
+    reduces: bool
+
+
+def fsdp_unsharded() -> dict[int, ShardedParam]:
+    """id(unsharded parameter) -> its `ShardedParam`, for every live `fully_shard` module.
+
+    FSDP2 all-gathers each sharded parameter into a temporary unsharded one before the
+    forward (`FSDPParam._unsharded_param`); the graph's `AccumulateGrad` nodes hold those,
+    and FSDP moves their gradients, reduce-scattered, to `FSDPParam.sharded_param.grad`
+    in a callback at the end of the backward. torch keeps every composable state in
+    `torch.distributed._composable_state._module_state_mapping`. Empty when
+    torch.distributed is not in use.
+    """
+    composable = sys.modules.get("torch.distributed._composable_state")
+    mapping = getattr(composable, "_module_state_mapping", None)
+    if not mapping:
+        return {}
+    out: dict[int, ShardedParam] = {}
+    seen: set[int] = set()
+    for ref in list(mapping.values()):
+        state = ref() if callable(ref) else None
+        if state is None or id(state) in seen:
+            continue
+        seen.add(id(state))
+        for group in getattr(state, "_fsdp_param_groups", None) or ():
+            reduces = bool(getattr(group, "reduce_grads", True))
+            for param in getattr(group, "fsdp_params", ()):
+                unsharded = param.__dict__.get("_unsharded_param")  # set at the 1st all-gather
+                sharded = getattr(param, "sharded_param", None)
+                if isinstance(unsharded, torch.Tensor) and isinstance(sharded, torch.Tensor):
+                    out[id(unsharded)] = ShardedParam(sharded, reduces)
+    return out
+
+
+# --- compiled regions -----------------------------------------------------------------------------
+
+
+def compiled_callables(namespace: Any) -> list[tuple[str, str]]:
+    """(variable, what it compiled) for each `torch.compile` result in a namespace: a
+    compiled module (`OptimizedModule`, its `_orig_mod`) or a compiled function."""
+    found = []
+    for key, value in list(namespace.items()):
+        if not isinstance(key, str) or key.startswith("_"):
+            continue
+        try:
+            if isinstance(value, torch.nn.Module):
+                inner = value._modules.get("_orig_mod")  # registered as a submodule
+                if type(value).__name__ == "OptimizedModule" and inner is not None:
+                    found.append((key, f"a compiled `{type(inner).__name__}`"))
+                continue
+            # Only functions: their `__dict__` is read without running anyone's `__getattr__`.
+            inner = (
+                value.__dict__.get("_torchdynamo_orig_callable") if _is_function(value) else None
+            )
+            if inner is not None:
+                name = getattr(inner, "__qualname__", None) or type(inner).__name__
+                found.append((key, f"the compiled function `{name}`"))
+        except Exception:  # noqa: BLE001 - an object whose attributes raise: not ours to name
+            continue
+    return found
+
+
+def _is_function(value: Any) -> bool:
+    return isinstance(value, types.FunctionType)
 
 
 # --- gradmagic's own tensor work --------------------------------------------------------------

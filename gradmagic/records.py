@@ -133,6 +133,7 @@ class ParamStep:
     change: Any
     steps: int
     moved_after_step: bool = False  # something wrote to it after its last step
+    part: str = ""  # a DTensor's: which part of it `before`/`after` measure ("this rank's shard")
     ref: Any = field(default=None, repr=False)  # weakref.ref to the parameter
     # A large parameter within the copy budget: its copies before the first step and at
     # the end, until a report summarises them into `before`, `after` and `change`.
@@ -196,6 +197,12 @@ class BlockRecord:
     modules: list[ModuleFact] = field(default_factory=list)
     nonleaf_grad_reads: list[str] = field(default_factory=list)
     unobserved: list[str] = field(default_factory=list)  # engine calls left alone, and why
+    # Backward ops of regions torch.compile compiled (one op each, opaque inside), and the
+    # compiled modules and functions the block ran or names: (variable, what it compiled).
+    compiled_ops: int = 0
+    compiled: list[tuple[str, str]] = field(default_factory=list)
+    # torch.func transforms the code calls (`torch.func.grad`): their gradients are returned.
+    transforms: list[str] = field(default_factory=list)
     internal_errors: list[str] = field(default_factory=list)
 
 

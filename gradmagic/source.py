@@ -116,3 +116,22 @@ def grad_reads(code: str) -> list[str]:
         and node.attr == "grad"
         and isinstance(node.ctx, ast.Load)
     ]
+
+
+def dotted_names(source: str | None) -> list[str]:
+    """The names and dotted attribute chains the code reads (`torch.func.grad`, `vmap`),
+    longest chain only, in the order they appear."""
+    found: dict[str, None] = {}
+    inner: set[int] = set()
+    for node in ast.walk(_tree(source)):
+        if id(node) in inner or not isinstance(node, (ast.Name, ast.Attribute)):
+            continue
+        parts = []
+        part: ast.AST = node
+        while isinstance(part, ast.Attribute):
+            parts.append(part.attr)
+            inner.add(id(part.value))
+            part = part.value
+        if isinstance(part, ast.Name):
+            found[".".join([part.id, *reversed(parts)])] = None
+    return list(found)

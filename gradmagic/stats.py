@@ -33,6 +33,8 @@ _BLOCK = 1 << 20  # elements per block of a norm: BLAS's float32 dot within, flo
 # summaries closer than this, relative, hold the same content.
 SAME_NORM = 1e-6
 _BY_LIST_UNTIL = 64  # elements: up to here, numbers read with `tolist()` beat a kernel
+# How a note starts when only this process's part of a distributed tensor was read.
+PART = "this rank's"
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,18 @@ class TensorSummary:
     def is_zero(self) -> bool:
         return self.norm == 0.0
 
+    @property
+    def part(self) -> bool:
+        """Whether the values read are one rank's part of a distributed tensor (a DTensor's
+        shard): then `shape` and `numel` are that part's, and so are the statistics."""
+        return self.note.startswith(PART)
+
     def text(self, symbol: str = "g") -> str:
-        """`NaN! 3 ‖g‖=nan x∈[-0.2, 0.3]`: NaN/Inf first, the norm named `‖symbol‖`."""
+        """`NaN! 3 ‖g‖=nan x∈[-0.2, 0.3]`: NaN/Inf first, the norm named `‖symbol‖`; a
+        DTensor's shard says so first: `this rank's shard (32 of 64 elements): ‖g‖=7.3`."""
         if self.norm is None:
             return self.note
-        parts = []
+        parts = [f"{self.note}:"] if self.part else []
         if self.nan:
             parts.append(f"NaN! {self.nan:,}")
         if self.inf:
@@ -83,7 +92,7 @@ class TensorSummary:
         parts.append(f"‖{symbol}‖={_num(self.norm)}")
         if self.min is not None and self.max is not None:
             parts.append(f"x∈[{_num(self.min)}, {_num(self.max)}]")
-        if self.note:
+        if self.note and not self.part:
             parts.append(f"({self.note})")
         return " ".join(parts)
 
@@ -130,8 +139,8 @@ def computable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     note = ""
     # A subclass's own __torch_function__ stays off: what comes out is a plain tensor.
     with torch._C.DisableTorchFunctionSubclass():
-        if cls.__name__ == "DTensor" and hasattr(t, "to_local"):
-            t, note = t.to_local(), "this rank's shard"  # the full tensor needs a collective
+        if is_dtensor(t):
+            t, note = _local_part(t)
         elif not _plain_class(cls):
             return None, f"{cls.__name__}: values not read"
         if t.is_nested:
@@ -142,6 +151,45 @@ def computable(t: torch.Tensor) -> tuple[torch.Tensor | None, str]:
         if t.layout != torch.strided:
             return t.to_dense(), note or "sparse"
         return t, note
+
+
+def is_dtensor(t: Any) -> bool:
+    """A `torch.distributed.tensor.DTensor` (FSDP2's parameters and gradients), told by its
+    class without importing torch.distributed."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local_part(t: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """What this process holds of a DTensor, and a note when that is not the whole tensor.
+
+    A replicated DTensor holds every value here; a sharded one a shard, and a partial one
+    an addend of a sum no rank has yet: the whole would need a collective, which could
+    hang when not every rank reads at the same moment. The note counts what was read.
+    """
+    local = t.to_local()
+    placements = tuple(getattr(t, "placements", ()) or ())
+    if placements and all(p.is_replicate() for p in placements):
+        return local, ""
+    what = "partial sum" if any(p.is_partial() for p in placements) else "shard"
+    whole = numel_of(t)
+    if what == "shard" and shape_of(local) == shape_of(t):
+        return local, ""  # the only shard (a mesh of one): the whole tensor
+    if what == "shard":
+        count = f"{numel_of(local):,} of {whole:,} elements"
+    else:
+        count = f"{numel_of(local):,} elements"
+    return local, f"{PART} {what} ({count})"
+
+
+def local_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Exact copies of what this process holds of each tensor (a DTensor's local part)."""
+    out = []
+    for t in tensors:
+        if is_dtensor(t):
+            with torch._C.DisableTorchFunctionSubclass():
+                t = t.to_local()
+        out.append(t.detach().clone())
+    return out
 
 
 def shape_of(t: torch.Tensor) -> tuple[int, ...] | None:
@@ -186,8 +234,9 @@ def read_values(tensors: Sequence[torch.Tensor | None], keep: int, copies: bool)
             out[i] = _nonfinite_summary(t, v, norm, said)
             continue
         lo, hi = span if span is not None else (None, None)
+        of = v if note.startswith(PART) else t  # a shard's summary counts the shard
         out[i] = TensorSummary(
-            shape_of(t), dtype_name(t.dtype), numel_of(t), norm, min=lo, max=hi, note=said
+            shape_of(of), dtype_name(t.dtype), numel_of(of), norm, min=lo, max=hi, note=said
         )
     return out
 
@@ -202,10 +251,11 @@ def _nonfinite_summary(t: torch.Tensor, v: torch.Tensor, norm: float, note: str)
     lo, hi = (None, None)
     if finite.numel() and not finite.is_complex():
         lo, hi = (float(x) for x in torch.aminmax(finite))
+    of = v if note.startswith(PART) else t
     return TensorSummary(
-        shape_of(t),
+        shape_of(of),
         dtype_name(t.dtype),
-        numel_of(t),
+        numel_of(of),
         norm,
         min=lo,
         max=hi,
@@ -226,6 +276,10 @@ def norm_summary(t: torch.Tensor, norm: float | None, note: str = "") -> TensorS
 
 
 def exact_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Exact copies; a DTensor's of what this process holds (copying a DTensor whole would
+    run its dispatch, and a plain tensor is all gradmagic reads)."""
+    if any(is_dtensor(t) for t in tensors):
+        return local_copies(tensors)
     return [t.detach().clone() for t in tensors]
 
 

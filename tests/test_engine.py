@@ -164,3 +164,24 @@ def test_module_tree_reads_what_named_modules_and_named_parameters_give():
         "r.weight_renamed",
         "r.bias_renamed",
     ]
+
+
+def test_fsdp2_internals_are_where_gradmagic_reads_them():
+    """`_engine.fsdp_unsharded` reads FSDP2's private state: it must still be there."""
+    import inspect
+    import weakref
+
+    from torch.distributed import _composable_state
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group, _fsdp_state
+
+    assert isinstance(_composable_state._module_state_mapping, weakref.WeakKeyDictionary)
+    assert "_unsharded_param" in _fsdp_param.FSDPParam.__annotations__
+    init = inspect.getsource(_fsdp_param.FSDPParam)
+    assert "self.sharded_param = nn.Parameter(" in init
+    assert "self._unsharded_param = nn.Parameter(" in init
+    group = inspect.getsource(_fsdp_param_group.FSDPParamGroup.__init__)
+    assert "self.fsdp_params = [" in group and "self.reduce_grads: bool = True" in group
+    assert "self._fsdp_param_groups: list[FSDPParamGroup] = []" in inspect.getsource(
+        _fsdp_state.FSDPState.__init__
+    )
+    assert _engine.fsdp_unsharded() == {}  # no fully_shard module alive in this process

@@ -461,3 +461,124 @@ def test_clean_training_step_has_no_warnings(ip):
         assert [f.kind for f in rep.findings] == ["optimizer-step"]
         assert list(rep.table.index) == ["head.weight", "head.bias"]
         assert set(rep.table["status"]) == {"new"}
+
+
+COMPILED = (
+    MLP + "cmodel = torch.compile(model, backend='aot_eager')\n"
+    "opt = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+)
+
+
+@pytest.mark.slow
+def test_a_compiled_module_is_one_opaque_op_said_by_name(ip, images):
+    ip.run(COMPILED)
+    plain = {n: p.detach().clone() for n, p in ip.ns["model"].named_parameters()}
+    step = "opt.zero_grad()\nloss = nn.functional.mse_loss(cmodel(x), y)\nloss.backward()\n"
+    ip.run("%%grad -q -o rep\n" + step)
+    rep = ip.ns["rep"]
+    [finding] = _findings(rep, "compiled-region")
+    assert finding.severity == "info" and finding.tensors == ("cmodel",)
+    assert finding.message.startswith(
+        "`cmodel` (a compiled `Sequential`) ran compiled by `torch.compile`: its backward is "
+        "one op in the graph (`CompiledFunctionBackward`), whose inside is opaque to gradmagic"
+    )
+    assert not _serious(rep)
+    assert [r.status for r in rep.rows] == ["new"] * 4
+    dot = rep.graph.source
+    label = "CompiledFunctionBackward\\nsaved: 3 tensors\\ncompiled module cmodel\\n"
+    assert label + '(inside opaque to gradmagic)"' in dot
+    assert 'tooltip="compiled module cmodel: the backward of everything' in dot
+    [svg] = images(rep._repr_html_(), "gradmagic-graph")
+    assert "(inside opaque to gradmagic)" in svg and "torch.compile region" in svg  # legend
+    # The same gradients as without gradmagic, bit for bit.
+    grads = {n: p.grad.clone() for n, p in ip.ns["model"].named_parameters()}
+    ip.run("opt.zero_grad()\n" + step)
+    for n, p in ip.ns["model"].named_parameters():
+        assert torch.equal(p.grad, grads[n]) and torch.equal(p.detach(), plain[n])
+
+
+@pytest.mark.slow
+def test_a_compiled_function_is_named_in_the_finding(ip):
+    ip.run(
+        "w = torch.tensor([1.0, 2.0], requires_grad=True)\n"
+        "@torch.compile(backend='aot_eager')\n"
+        "def cube_sum(t):\n    return (t**3).sum()\n"
+    )
+    ip.run("%%grad -q -o rep\nloss = cube_sum(w)\nloss.backward()\n")
+    rep = ip.ns["rep"]
+    assert torch.equal(rep.table.loc["w", "after"], torch.tensor([3.0, 12.0]))  # 3w²
+    [finding] = _findings(rep, "compiled-region")
+    assert finding.message.startswith(
+        "`cube_sum` (the compiled function `cube_sum`) ran compiled by `torch.compile`: its "
+        "backward is one op in the graph"
+    )
+    assert "a torch.compile region\\n(inside opaque to gradmagic)" in rep.graph.source
+
+
+def test_no_compiled_region_finding_without_torch_compile(ip):
+    ip.run(MLP)
+    ip.run("%%grad -q -o rep\nnn.functional.mse_loss(model(x), y).backward()\n")
+    rep = ip.ns["rep"]
+    assert not _findings(rep, "compiled-region")
+    assert "opaque" not in rep.graph.source
+
+
+def test_torch_func_grad_is_said_to_be_unobserved(ip):
+    ip.run("from torch.func import grad, vmap\nx = torch.tensor([1.0, 2.0, 3.0])")
+    ip.run("%%grad -q -o rep\ng = grad(lambda t: (t**3).sum())(x)\n")
+    rep = ip.ns["rep"]
+    assert torch.equal(ip.ns["g"], torch.tensor([3.0, 12.0, 27.0]))
+    assert rep.rows == [] and not _findings(rep, "no-backward")
+    [finding] = _findings(rep, "func-transform")
+    assert finding.message == (
+        "The cell uses `grad`: torch.func transforms are not observed by gradmagic. The "
+        "gradients a transform returns are ordinary tensors, not `.grad`, so they have no "
+        "rows here."
+    )
+    assert [f.kind for f in rep.findings] == ["func-transform"]
+    ip.run("%%grad -q -o rep\nsq = torch.vmap(lambda t: t * t)(x)\n")
+    rep = ip.ns["rep"]
+    [finding] = _findings(rep, "func-transform")
+    assert finding.message.startswith("The cell uses `torch.vmap`: torch.func transforms")
+    assert not _findings(rep, "no-backward")
+
+
+def test_a_transform_beside_a_backward_is_said_and_the_backward_observed(ip):
+    ip.run("import torch.func\nw = torch.tensor([1.0, 2.0], requires_grad=True)")
+    ip.run(
+        "%%grad -q -o rep\n"
+        "h = torch.func.jacrev(lambda t: t * t)(w.detach())\n"
+        "(w * 3).sum().backward()\n"
+    )
+    rep = ip.ns["rep"]
+    assert torch.equal(rep.table.loc["w", "after"], torch.tensor([3.0, 3.0]))
+    [finding] = _findings(rep, "func-transform")
+    assert finding.message.startswith("The cell uses `torch.func.jacrev`:")
+
+
+def test_a_name_that_is_no_transform_is_not_taken_for_one(ip):
+    ip.run("def grad(t):\n    return t * 2\nx = torch.tensor([1.0], requires_grad=True)")
+    ip.run("%%grad -q -o rep\ny = grad(x)\n")
+    rep = ip.ns["rep"]
+    assert not _findings(rep, "func-transform")
+    [finding] = _findings(rep, "no-backward")
+    assert finding.message == "No backward ran in this cell: nothing reached the autograd engine."
+
+
+def test_per_sample_gradients_with_vmap_and_grad_are_said_unobserved(ip):
+    # The torch.func tutorial's per-sample gradients: nothing lands in `.grad`.
+    ip.run(
+        MLP + "from torch.func import functional_call, grad, vmap\n"
+        "params = {k: v.detach() for k, v in model.named_parameters()}\n"
+        "def loss_of(p, xb, yb):\n"
+        "    out = functional_call(model, p, (xb.unsqueeze(0),))\n"
+        "    return nn.functional.mse_loss(out, yb.unsqueeze(0))\n"
+    )
+    ip.run(
+        "%%grad -q -o rep\nper_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, x, y)\n"
+    )
+    rep = ip.ns["rep"]
+    assert ip.ns["per_sample"]["0.weight"].shape == (16, 8, 4)
+    assert all(p.grad is None for p in ip.ns["model"].parameters())
+    assert rep.rows == [] and [f.kind for f in rep.findings] == ["func-transform"]
+    assert rep.findings[0].message.startswith("The cell uses `vmap` and `grad`: torch.func")

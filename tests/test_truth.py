@@ -399,8 +399,9 @@ def test_dtensor_parameters_step_and_report_as_this_ranks_shard(gloo):
     assert torch.equal(w.to_local(), torch.arange(32, dtype=torch.float32) - 1.0)
     row = rep["w"]
     assert row.status == "new"
-    # Every element's gradient is 2: the statistics of this rank's shard, said to be that.
-    assert str(row.after) == f"n=32 ‖g‖={2 * math.sqrt(32):.4g} x∈[2, 2] (this rank's shard)"
+    # Every element's gradient is 2. A replicated DTensor holds the whole tensor on every
+    # rank: its statistics are the whole gradient's, with no shard to speak of.
+    assert str(row.after) == f"n=32 ‖g‖={2 * math.sqrt(32):.4g} x∈[2, 2]"
 
 
 def test_ddp_no_sync_accumulation_is_said_as_intended(gloo):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .. import _engine
+from .. import _engine, stats
 from .._patch import Patch, own_attribute
 from .leaves import Edit
 from .recorder import ACTIVE, Recorder
@@ -62,11 +62,19 @@ def _note_clip_norm(recorder: Recorder, args: tuple, kwargs: dict, result: Any) 
     max_norm = float(_arg(args, kwargs, 1, "max_norm"))
     total = _arg(args, kwargs, 2, "total_norm")
     with _engine.quiet():
-        total = float(total) if isinstance(total, torch.Tensor) else None
+        total = _number(total) if isinstance(total, torch.Tensor) else None
     factor = min(1.0, max_norm / (total + 1e-6)) if total is not None else None
     edit = Edit(0, "clip_norm", factor, _ids(params))
-    edit.text = f"`clip_grad_norm_(max_norm={max_norm:g})` (total norm {total:.4g})"
+    said = f" (total norm {total:.4g})" if total is not None else ""
+    edit.text = f"`clip_grad_norm_(max_norm={max_norm:g})`{said}"
     recorder.on_edit(edit)
+
+
+def _number(t: torch.Tensor) -> float | None:
+    """A 0-dim tensor's number; None for a DTensor that does not hold it whole here (a
+    sharded or partial norm: reading it would run a collective)."""
+    v, note = stats.computable(t)
+    return float(v) if v is not None and not note and v.numel() == 1 else None
 
 
 def _note_clip_value(recorder: Recorder, args: tuple, kwargs: dict, result: Any) -> None:

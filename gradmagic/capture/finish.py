@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,9 +11,10 @@ import torch
 from torch import nn
 
 from .. import _engine, stats
+from ..graph.data import is_compiled_op
 from ..history import RunEntry
 from ..records import BlockRecord, EditEvent, LeafRecord, ModuleFact, OptimizerSteps, ParamStep
-from ..source import grad_reads, names_in
+from ..source import dotted_names, grad_reads, names_in
 from .names import Namer, fallback_name, unique
 from .probes import NONLEAF_WARNING
 
@@ -46,11 +48,72 @@ def finish(recorder: Any) -> None:
         nonleaf_grad_reads=_nonleaf_reads(recorder, namespace),
         unobserved=[_unobserved(reason, n) for reason, n in recorder.unobserved.items()],
         internal_errors=recorder.internal_errors,
+        compiled_ops=_compiled_ops(recorder),
+        transforms=_transforms(recorder.source, namespace),
     )
+    if block.compiled_ops:
+        block.compiled = _compiled(recorder, namespace)
     _name_backwards(recorder, namer)
     namer.forget()
     recorder.module_name = namer.module_name  # ids and names only: for `assign_modules`
     recorder.block = block
+
+
+def _compiled_ops(recorder: Any) -> int:
+    """Backward ops of compiled regions in the block's graphs (each graph counted once)."""
+    seen: set[int] = set()
+    count = 0
+    for record in recorder.records:
+        snap = record.graph
+        snap = snap.repeat_of or snap if snap is not None else None
+        if snap is None or id(snap) in seen:
+            continue
+        seen.add(id(snap))
+        count += sum(n.kind == "op" and is_compiled_op(n.op) for n in snap.nodes)
+    return count
+
+
+def _compiled(recorder: Any, namespace: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The `torch.compile` results of the namespace that the block ran (a compiled module
+    whose forward ran) or whose variable the code names."""
+    named = names_in(recorder.source)
+    found = []
+    for key, what in _engine.compiled_callables(namespace):
+        value = namespace.get(key)
+        if key in named or (isinstance(value, nn.Module) and value in recorder.module_calls):
+            found.append((key, what))
+    return found
+
+
+def _transforms(source: str | None, namespace: Mapping[str, Any]) -> list[str]:
+    """The torch.func transforms the code calls, as it spells them: `torch.func.grad`."""
+    if not source:
+        return []
+    transforms = _func_transforms()
+    found = []
+    for dotted in dotted_names(source):
+        head, *rest = dotted.split(".")
+        value, spelled = namespace.get(head), [head]
+        for attr in rest:
+            if any(value is t for t in transforms):
+                break
+            if not isinstance(value, types.ModuleType):  # only modules: no user __getattr__
+                value = None
+                break
+            value = getattr(value, attr, None)
+            spelled.append(attr)
+        if value is not None and any(value is t for t in transforms):
+            found.append(".".join(spelled))
+    return list(dict.fromkeys(found))
+
+
+def _func_transforms() -> tuple[Any, ...]:
+    func = torch.func
+    names = ("grad", "grad_and_value", "vjp", "jvp", "linearize", "jacrev", "jacfwd", "hessian")
+    names += ("vmap", "functionalize")
+    found = [getattr(func, name, None) for name in names]
+    found.append(getattr(torch, "vmap", None))
+    return tuple(t for t in found if t is not None)
 
 
 def _unobserved(reason: str, count: int) -> str:
@@ -95,6 +158,11 @@ def _add_expected(recorder: Any, namer: Namer) -> None:
         return
     named = names_in(recorder.source)
     reached = {id(r.ref()) for r in recorder.leaves if r.backwards and r.ref() is not None}
+    for leaf_ref, sharded_ref in list(recorder._unsharded.values()):
+        # FSDP2 with gradient sync off: the unsharded parameter got the gradient.
+        leaf, sharded = leaf_ref(), sharded_ref()
+        if leaf is not None and sharded is not None and id(leaf) in reached:
+            reached.add(id(sharded))
     candidates: list[torch.Tensor] = []
     for name in named:
         value = namespace.get(name)
@@ -128,15 +196,27 @@ def _name_leaves(recorder: Any, namer: Namer) -> None:
     for rec in recorder.leaves:
         leaf = rec.ref()
         names = namer.names(leaf) if leaf is not None else []
+        gathered_from = _gathered_from(recorder, leaf) if not names else None
+        if gathered_from is not None:
+            names = [f"{name} (unsharded)" for name in namer.names(gathered_from)]
         local = rec.names[0] if rec.names else (created.get(leaf) if leaf is not None else None)
         if local and local not in names:
             names.append(local)
         rec.names = names
         rec.name = names[0] if names else fallback_name(rec.key, rec.consumer)
-        position = namer.order(leaf) if leaf is not None else None
+        position = namer.order(gathered_from if gathered_from is not None else leaf)
         rec.order = position if position is not None else 1_000_000 + rec.key
     for rec, name in zip(recorder.leaves, unique(rec.name for rec in recorder.leaves)):
         rec.name = name
+
+
+def _gathered_from(recorder: Any, leaf: torch.Tensor | None) -> torch.Tensor | None:
+    """The sharded parameter an FSDP2 unsharded one was gathered from, when the unsharded
+    one kept its gradient (gradient sync off): its row is named after it."""
+    refs = recorder._unsharded.get(id(leaf)) if leaf is not None else None
+    if refs is None or refs[0]() is not leaf:
+        return None
+    return refs[1]()
 
 
 def _place_leaves(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> None:
@@ -280,9 +360,9 @@ def _steps(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> list[Op
         params = []
         for i, ((item, p), m) in enumerate(zip(items, measured)):
             name = rows.get(id(p)) or namer.name(p) or f"param #{i} of {live.kind}"
-            end = ends.pop() if m else stats.not_measured(p, "not measured (past the copy budget)")
+            end = ends.pop() if m else stats.not_measured(p, _unmeasured(p))
             step = ParamStep(name, stats.shape_of(p), item.grad, item.before, end, None, item.steps)
-            step.ref = item.ref
+            step.ref, step.part = item.ref, item.part
             step.moved_after_step = item.steps > 0 and p._version != item.version
             if item.first_copy is not None:  # a large one: summarised by the report
                 step.before, step.after = None, None
@@ -301,6 +381,13 @@ def _steps(recorder: Any, namer: Namer, namespace: Mapping[str, Any]) -> list[Op
             )
         )
     return out
+
+
+def _unmeasured(p: torch.Tensor) -> str:
+    v, note = stats.computable(p)
+    if v is None or (note and not note.startswith(stats.PART)):
+        return f"not measured ({note or 'values not read'})"
+    return "not measured (past the copy budget)"
 
 
 def _events(recorder: Any, namespace: Mapping[str, Any]) -> list[EditEvent]:

@@ -37,6 +37,7 @@ class LiveParam:
     first_copy: torch.Tensor | None  # transient, for `‖Δ‖` of a large parameter
     grad: Any = None  # the value its last step used
     steps: int = 0
+    part: str = ""  # a DTensor's: the copies hold this process's part ("this rank's shard")
     version: int = -1  # its `_version` after its last step
 
 
@@ -137,19 +138,22 @@ class OptimizerStepProbe:
         """Copies of parameters before their first step: small ones whole, large ones
         within the copy budget, to measure how far the steps moved them."""
         limit, small, large = self.recorder.options.values, [], []
+        parts: dict[int, str] = {}
         for p in fresh:
             v, note = stats.computable(p)
-            if v is None or note:
+            if v is None or (note and not note.startswith(stats.PART)):
                 continue
+            if note:
+                parts[id(p)] = note  # a shard is measured by norms, and said to be one
             n = v.numel()
-            if n <= limit:
+            if n <= limit and not note:
                 small.append(p)
             elif self._copied + n <= self.budget:
                 large.append(p)
                 self._copied += n
         copies = stats.exact_copies(small + large)
         for p in fresh:
-            live.params[id(p)] = LiveParam(weakref.ref(p), None, None)
+            live.params[id(p)] = LiveParam(weakref.ref(p), None, None, part=parts.get(id(p), ""))
         for p, copy in zip(small, copies):
             live.params[id(p)].before = copy
         for p, copy in zip(large, copies[len(small) :]):

@@ -12,6 +12,7 @@ shown as one quiet line of the report, never raised into the user's code.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from collections import Counter
@@ -71,6 +72,8 @@ class Recorder:
         self._running: tuple[BackwardRecord, list] | None = None  # the backward in progress
         self._pending: list[tuple[torch.Tensor, LeafTrack]] = []
         self._scaled: dict[int, tuple[weakref.ref, float]] = {}  # id(loss) -> GradScaler scale
+        # id(FSDP2 unsharded parameter) -> (it, its sharded parameter), weakly: for names
+        self._unsharded: dict[int, tuple[weakref.ref, weakref.ref]] = {}
         self.scaler_stepping = 0  # inside `GradScaler.step`
         self._flow: tuple[FlowRecorder, dict[int, LeafTrack]] | None = None
         self._report = None
@@ -221,10 +224,12 @@ class Recorder:
     def _join_quietly(self, call: _engine.EngineCall) -> None:
         record, pending = self._running  # type: ignore[misc]
         found: list[torch.Tensor] = []
+        sharded = _engine.fsdp_unsharded()
 
         def leaf_key(leaf: torch.Tensor) -> int:
-            found.append(leaf)
-            return self.track(leaf).record.key
+            target = self._stand_in(leaf, sharded)
+            found.append(target)
+            return self.track(target).record.key
 
         snapshot(call.outputs, leaf_key=leaf_key, inputs=call.inputs or None, light=True)
         targets = list(call.inputs) if call.inputs else found
@@ -249,13 +254,28 @@ class Recorder:
         with _engine.quiet():
             return self._begin_quietly(call)
 
+    def _stand_in(self, leaf: torch.Tensor, sharded: dict[int, _engine.ShardedParam]) -> Any:
+        """The tensor whose `.grad` receives what reaches `leaf`: for an FSDP2 unsharded
+        parameter, the sharded parameter FSDP reduces its gradient into."""
+        param = sharded.get(id(leaf)) if sharded else None
+        if param is None:
+            return leaf
+        if param.reduces:
+            return param.sharded
+        # Gradient sync off: the gradient stays on the unsharded parameter; its row is
+        # named after the sharded one when the block closes.
+        self._unsharded[id(leaf)] = (weakref.ref(leaf), weakref.ref(param.sharded))
+        return leaf
+
     def _begin_quietly(self, call: _engine.EngineCall) -> tuple[BackwardRecord, Any]:
         roots = [t for t in call.outputs if isinstance(t, torch.Tensor)]
         found: list[tuple[torch.Tensor, LeafTrack]] = []
+        sharded = _engine.fsdp_unsharded()
 
         def leaf_key(leaf: torch.Tensor) -> int:
-            track = self.track(leaf)
-            found.append((leaf, track))
+            target = self._stand_in(leaf, sharded)
+            track = self.track(target)
+            found.append((target, track))
             return track.record.key
 
         snap, live = snapshot(
@@ -364,10 +384,21 @@ class Recorder:
                 continue
             difference = None
             if track.base_copy is not None and not isinstance(value, torch.Tensor):
-                grad = t.grad
-                if grad is not None and grad.shape == track.base_copy.shape:
-                    (difference,) = stats.read_values([grad.detach() - track.base_copy], 0, False)
+                difference = self._difference(t.grad, track.base_copy)
             track.added(value, difference)
+
+    def _difference(self, grad: torch.Tensor | None, base: torch.Tensor) -> Any:
+        """A summary of `grad - base` (`base` an exact copy of what this process held of the
+        gradient before the backward); a DTensor's shard is said to be one."""
+        if grad is None:
+            return None
+        now, note = stats.computable(grad) if stats.is_dtensor(grad) else (grad.detach(), "")
+        if now is None or now.shape != base.shape:
+            return None
+        (difference,) = stats.read_values([now - base], 0, False)
+        if note and isinstance(difference, stats.TensorSummary):
+            difference = dataclasses.replace(difference, note=note)
+        return difference
 
     # -- what the probes report ------------------------------------------------------------------
     def on_edit(self, edit: Edit) -> None:
@@ -398,6 +429,7 @@ class Recorder:
         self.steps = self.warnings = None  # type: ignore[assignment]
         self._tracks = {}
         self._scaled = {}
+        self._unsharded = {}
         self.namespace = None
 
     def report(self) -> Any:

@@ -56,9 +56,12 @@ def nan_inf(block: BlockRecord) -> Iterator[Finding]:
     for r in bad[:4]:
         nan, inf = _nonfinite_counts(r.after) or (None, None)
         what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
-        parts.append(
-            f"`{r.name}.grad` has {what or 'NaN or Inf'} (of {plural(r.numel, 'element')})"
-        )
+        value = r.after
+        if isinstance(value, stats.TensorSummary) and value.part:  # counted in this rank's part
+            of = f"of the {plural(value.numel, 'element')} of {value.note.partition(' (')[0]}"
+        else:
+            of = f"of {plural(r.numel, 'element')}"
+        parts.append(f"`{r.name}.grad` has {what or 'NaN or Inf'} ({of})")
     if len(bad) > 4:
         parts.append(f"{len(bad) - 4} more leaves too")
     op = _first_nonfinite_op(block)
@@ -149,6 +152,8 @@ def _norms(rows_: list[LeafRecord], scale: float | None) -> dict[int, float]:
         value = used_value(r)
         if isinstance(value, torch.Tensor):
             norm = stats.norm_of(value)
+        elif isinstance(value, stats.TensorSummary) and value.part:
+            norm = None  # one rank's shard: no norm of the whole gradient to compare
         else:
             norm = value.norm if isinstance(value, stats.TensorSummary) else None
         if norm is not None and math.isfinite(norm):

@@ -12,6 +12,7 @@ from ._base import Finding, call, listing, root, rule
 
 FREED_GRAPH_ERROR = "Trying to backward through the graph a second time"
 NO_GRAD_ERROR = "does not require grad and does not have a grad_fn"
+TRANSFORM = "inside a torch.func transform"  # how capture says why it left a call alone
 
 
 def _shown(value: Any) -> str:
@@ -139,9 +140,23 @@ def retain_graph(block: BlockRecord) -> Iterator[Finding]:
     )
 
 
+def _transforms_text(block: BlockRecord) -> str:
+    return (
+        f"The cell uses {listing(block.transforms)}: torch.func transforms are not observed by "
+        f"gradmagic. The gradients a transform returns are ordinary tensors, not `.grad`, so "
+        f"they have no rows here."
+    )
+
+
+@rule
+def transforms(block: BlockRecord) -> Iterator[Finding]:
+    if block.transforms:
+        yield Finding("func-transform", "info", _transforms_text(block))
+
+
 @rule
 def no_backward(block: BlockRecord) -> Iterator[Finding]:
-    if block.backwards or block.steps:
+    if block.backwards or block.steps or block.transforms:
         return
     if block.unobserved:
         yield Finding(
@@ -160,9 +175,32 @@ def no_backward(block: BlockRecord) -> Iterator[Finding]:
 
 @rule
 def unobserved(block: BlockRecord) -> Iterator[Finding]:
-    if block.unobserved and (block.backwards or block.steps):
+    # Calls inside the transforms the code uses are said by `transforms`.
+    said = [u for u in block.unobserved if not (block.transforms and TRANSFORM in u)]
+    if said and (block.backwards or block.steps or block.transforms):
         yield Finding(
             "not-observed",
             "info",
-            f"{'; '.join(block.unobserved)} (gradmagic leaves calls inside a transform alone).",
+            f"{'; '.join(said)} (gradmagic leaves calls inside a transform alone).",
         )
+
+
+@rule
+def compiled_region(block: BlockRecord) -> Iterator[Finding]:
+    if not block.compiled_ops:
+        return
+    ops = "one op" if block.compiled_ops == 1 else f"{block.compiled_ops} ops"
+    if block.compiled:
+        who = " and ".join(f"`{name}` ({what})" for name, what in block.compiled)
+        its = "its" if len(block.compiled) == 1 else "their"
+        head = f"{who} ran compiled by `torch.compile`: {its} backward is"
+    else:
+        head = "Part of the forward ran compiled by `torch.compile`: its backward is"
+    yield Finding(
+        "compiled-region",
+        "info",
+        f"{head} {ops} in the graph (`CompiledFunctionBackward`), whose inside is opaque to "
+        f"gradmagic: the ops in it and the gradients between them are not shown. The leaves' "
+        f"`.grad` are observed as usual.",
+        tuple(name for name, _ in block.compiled),
+    )

@@ -17,6 +17,14 @@ import torch
 
 from ..stats import flat_list
 
+# How PyTorch names the backward node of a region torch.compile compiled (AOTAutograd's
+# `CompiledFunction`): one node for every op inside, which gradmagic does not see.
+COMPILED_OP = "CompiledFunction"
+
+
+def is_compiled_op(op: str) -> bool:
+    return op.startswith(COMPILED_OP)
+
 
 class Edge(NamedTuple):
     """`src` fed `dst` in the forward pass; the gradient flows back along the edge."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .data import Edge, GraphNode, GraphSnapshot, flow_text
+from .data import Edge, GraphNode, GraphSnapshot, flow_text, is_compiled_op
 from .modules import ModuleSpans
 from .snapshot import gc_paused, snapshot, start_node
 
@@ -35,6 +35,7 @@ _STYLES = {
     "accumulated": {"fillcolor": "lightblue", "color": "orange", "penwidth": "3"},
     "none": {"fillcolor": "gray85", "style": "filled,rounded,dashed", "fontcolor": "gray35"},
     "input": {"fillcolor": "gray95", "peripheries": "2"},
+    "compiled": {"fillcolor": "gray95", "style": "filled,rounded,dashed"},
 }
 _STATUSES = ("nan/inf", "accumulated", "none")  # leaf statuses the drawing shows
 _LEGEND = {
@@ -48,6 +49,7 @@ _LEGEND = {
     "accumulated": "accumulated gradient",
     "none": "no gradient",
     "input": "in inputs=",
+    "compiled": "torch.compile region",
 }
 
 
@@ -348,12 +350,28 @@ class _Drawing:
                 saved = saved[: _MAX_SAVED_LINES - 1] + [f"+{more} more saved"]
             lines += [n.op, *saved]
             attrs = self.style("root" if n.is_root else "op")
+            if is_compiled_op(n.op):
+                lines += self.compiled(n, attrs)
         lines += self.summed.get(n.id, [])
         if n.is_input:
             lines.append("(inputs=)")
             self.used.add("input")
             attrs["peripheries"] = "2"
         return _label(lines), attrs
+
+    def compiled(self, n: GraphNode, attrs: dict[str, str]) -> list[str]:
+        """A torch.compile region: one op for all of its own, whose inside gradmagic does not
+        see. Which module was compiled, when a compiled module's call holds it."""
+        calls = self.snap.module_path(n.id) if n.module is not None else []
+        compiled = next((c for c in calls if c.cls == "OptimizedModule" and c.name), None)
+        who = f"compiled module {compiled.name}" if compiled else "a torch.compile region"
+        attrs["tooltip"] = _esc(
+            f"{who}: the backward of everything torch.compile compiled there runs as this one "
+            "op; the ops inside it are opaque to gradmagic"
+        )
+        attrs["style"] = "filled,rounded,dashed"
+        self.used.add("compiled")
+        return [who, "(inside opaque to gradmagic)"]
 
     def group(self, key: str, members: list[int]) -> tuple[str, dict[str, str]]:
         nodes = [self.snap.nodes[i] for i in members]

@@ -135,8 +135,8 @@ def complete_changes(block: BlockRecord) -> None:
                     first, last = p.copies
                     p.copies = None
                     before, after = stats.norms([first, last])
-                    p.before = stats.norm_summary(first, before)
-                    p.after = stats.norm_summary(last, after)
+                    p.before = stats.norm_summary(first, before, p.part)
+                    p.after = stats.norm_summary(last, after, p.part)
                     if first.shape == last.shape:
                         (p.change,) = stats.norms([last - first])
                     continue

@@ -54,10 +54,14 @@ class GradientFlow:
     vanish: float
     explode: float
     _svg: str | None = field(default=None, repr=False)
+    # ", of this rank's shards" when some values are one rank's part of a DTensor
+    scope: str = ""
 
     def svg(self) -> str:
         if self._svg is None:
-            self._svg = flow_svg(self.points, vanish=self.vanish, explode=self.explode)
+            self._svg = flow_svg(
+                self.points, vanish=self.vanish, explode=self.explode, scope=self.scope
+            )
         return self._svg
 
     def summary(self) -> str:
@@ -74,7 +78,7 @@ class GradientFlow:
             count = sum(p.mark == mark for p in self.points)
             if count:
                 parts.append(f"{count} {mark}")
-        return "gradient flow: " + "; ".join(parts)
+        return f"gradient flow{self.scope}: " + "; ".join(parts)
 
 
 def gradient_flow(block: BlockRecord) -> GradientFlow | None:
@@ -83,9 +87,10 @@ def gradient_flow(block: BlockRecord) -> GradientFlow | None:
     wanted = block.options.plot
     if wanted is False or (wanted is None and len(shown) < AUTO_PLOT_LEAVES) or not shown:
         return None
-    points = []
+    points, parts = [], False
     for r in shown:
         value = used_value(r) if r.backwards else None
+        parts = parts or (isinstance(value, stats.TensorSummary) and value.part)
         if value is None:
             points.append(FlowPoint(r.name, None, None, "none"))
         elif stats.nonfinite(value):
@@ -95,7 +100,8 @@ def gradient_flow(block: BlockRecord) -> GradientFlow | None:
             mark = "zero" if rms == 0 else ("" if rms is not None else "none")
             points.append(FlowPoint(r.name, rms or None, top or None, mark))
     options = block.options
-    return GradientFlow(points, options.vanish, options.explode)
+    scope = f", of {stats.PART} shards" if parts else ""
+    return GradientFlow(points, options.vanish, options.explode, scope=scope)
 
 
 def _magnitudes(value: Any) -> tuple[float | None, float | None]:
@@ -119,7 +125,7 @@ def _magnitudes(value: Any) -> tuple[float | None, float | None]:
     return None, None
 
 
-def flow_svg(points: list[FlowPoint], *, vanish: float, explode: float) -> str:
+def flow_svg(points: list[FlowPoint], *, vanish: float, explode: float, scope: str = "") -> str:
     """The chart as SVG text, written directly: bars of max |grad| and RMS on a log axis,
     marks for the leaves with nothing to draw, the names under the bars.
 
@@ -156,7 +162,7 @@ def flow_svg(points: list[FlowPoint], *, vanish: float, explode: float) -> str:
     grouped = f" ({leaves} leaves, {per_bar} per bar)" if per_bar > 1 else ""
     out.append(
         f'<text x="4" y="16" font-size="12" font-weight="600" fill="{INK}">'
-        f"gradient flow: RMS and max |grad| per leaf{_x(grouped)}</text>"
+        f"gradient flow: RMS and max |grad| per leaf{_x(scope + grouped)}</text>"
     )
     # Legend: only what the chart shows.
     legend, lx = [], 4.0
