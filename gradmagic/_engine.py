@@ -499,3 +499,24 @@ def _walk_modules(
                 params.append((dot + name, param))
         subs = [(dot + name, sub) for name, sub in module._modules.items() if sub is not None]
         stack.extend(reversed(subs))  # depth first, in registration order
+
+
+# --- DistributedDataParallel --------------------------------------------------------------------
+
+
+def ddp_comm_hook(ddp: Any) -> tuple[str, Any]:
+    """The communication hook a DDP module combines gradients with: its name and the
+    function (None for a built-in C++ hook, known by name only); ("", None) for DDP's
+    own all-reduce. Read from what `register_comm_hook` keeps (`_comm_hooks`) and from
+    the name DDP's logger keeps (`_register_builtin_comm_hook` sets only that)."""
+    hooks = getattr(ddp, "_comm_hooks", None) or []
+    if hooks:
+        hook = hooks[-1][0]
+        return getattr(hook, "__qualname__", None) or type(hook).__name__, hook
+    if getattr(ddp, "logger", None) is None:
+        return "", None
+    try:
+        name = str(ddp._get_ddp_logging_data().get("comm_hook", "") or "")
+    except Exception:  # noqa: BLE001 - another logger layout: no hook said
+        name = ""
+    return name, None

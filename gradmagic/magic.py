@@ -15,6 +15,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from .capture import watch
+from .capture.ddp import is_main_process
 from .history import History
 
 
@@ -126,6 +127,24 @@ class GradMagics(Magics):
         default=1e4,
         help="Flag a model whose layers' gradient norms differ by more than X (default 1e4).",
     )
+    @argument(
+        "--check-ranks",
+        action="store_true",
+        help="Under torch.distributed: compare every parameter's .grad across the ranks when "
+        "the cell ends and name those that differ. Every rank must run the cell with it.",
+    )
+    @argument(
+        "--rank-timeout",
+        metavar="S",
+        type=_positive("--rank-timeout"),
+        default=60.0,
+        help="How long --check-ranks waits for the other ranks, in seconds (default 60).",
+    )
+    @argument(
+        "--all-ranks",
+        action="store_true",
+        help="Under torch.distributed: show the report on every rank, not only on rank 0.",
+    )
     @argument("args", nargs="*", help="For the line magic: `reset`, or `history NAME`.")
     @line_cell_magic
     def grad(self, line: str, cell: str | None = None) -> Any:
@@ -166,6 +185,8 @@ class GradMagics(Magics):
             explode=args.explode,
             ratio=args.ratio,
             plot=args.plot,
+            check_ranks=args.check_ranks,
+            rank_timeout=args.rank_timeout,
         ) as recorder:
             try:
                 self._execute(code, filename)
@@ -177,16 +198,18 @@ class GradMagics(Magics):
         return None
 
     def _show(self, recorder: Any, args: Any) -> None:
+        shown = not args.quiet and (args.all_ranks or is_main_process())
         try:
             report = recorder.report()
         except Exception as exc:  # noqa: BLE001 - the user's cell already ran; say why, briefly
-            print(f"gradmagic could not build its report: {type(exc).__name__}: {exc}")
+            if shown:
+                print(f"gradmagic could not build its report: {type(exc).__name__}: {exc}")
             return
         report.show_table = not args.graph_only
         report.show_graph = not args.no_graph
         if args.output:
             self.shell.user_ns[args.output] = report
-        if not args.quiet:
+        if shown:
             display(report)
 
     def _execute(self, code: str, filename: str) -> None:
@@ -205,7 +228,8 @@ class GradMagics(Magics):
     def _line(self, words: list[str]) -> Any:
         if words == ["reset"]:
             self.history.reset()
-            print("gradmagic: forgot the gradient history of every tensor.")
+            if is_main_process():
+                print("gradmagic: forgot the gradient history of every tensor.")
             return None
         if len(words) == 2 and words[0] == "history":
             return self._history(words[1])

@@ -182,6 +182,46 @@ class ModuleFact:
     leaf_keys: list[int] = field(default_factory=list)  # its parameters' rows
 
 
+@dataclass(slots=True)
+class DDPFact:
+    """A `DistributedDataParallel` whose forward ran in the block with gradients on."""
+
+    name: str  # its variable (`model`), else "" when the namespace does not hold it
+    world_size: int  # ranks of its process group
+    synced: int  # forwards whose backward DDP all-reduced
+    unsynced: int  # forwards under `no_sync()`: their gradients stayed on this rank
+    hook: str = ""  # its communication hook's name, "" for DDP's own all-reduce
+    hook_known: str = ""  # what the hook does, for the hooks torch ships ("" for others)
+    leaf_keys: list[int] = field(default_factory=list)  # rows of its synchronised parameters
+    ignored_keys: list[int] = field(default_factory=list)  # rows of parameters DDP ignores
+
+
+@dataclass(slots=True)
+class RankGradient:
+    """One parameter's `.grad` on one rank when the block ended, as a fingerprint."""
+
+    shape: tuple[int, ...] | None  # None: no `.grad`
+    dtype: str
+    checksum: int  # the sum of its bit patterns as integers: equal content, equal sum
+    norm: float
+
+
+@dataclass
+class RankCheck:
+    """The cross-rank consistency check (`check_ranks=True`).
+
+    `error` says why it did not run; else `grads[rank][name]` is each parameter's
+    fingerprint on each rank, `skipped` the parameters it could not fingerprint (a
+    sparse or sharded gradient), by name and why.
+    """
+
+    world_size: int = 0
+    error: str = ""
+    timed_out: bool = False
+    grads: list[dict[str, RankGradient]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class BlockRecord:
     """Everything a watched block recorded: what findings and the report read."""
@@ -204,6 +244,11 @@ class BlockRecord:
     # torch.func transforms the code calls (`torch.func.grad`): their gradients are returned.
     transforms: list[str] = field(default_factory=list)
     internal_errors: list[str] = field(default_factory=list)
+    # torch.distributed, when initialised: this process's rank and the world size.
+    rank: int | None = None
+    world_size: int = 1
+    ddp: list[DDPFact] = field(default_factory=list)
+    rank_check: RankCheck | None = None
 
 
 def rows(block: BlockRecord) -> list[LeafRecord]:

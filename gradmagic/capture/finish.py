@@ -15,6 +15,7 @@ from ..graph.data import is_compiled_op
 from ..history import RunEntry
 from ..records import BlockRecord, EditEvent, LeafRecord, ModuleFact, OptimizerSteps, ParamStep
 from ..source import dotted_names, grad_reads, names_in
+from .ddp import ddp_facts, rank_and_world
 from .names import Namer, fallback_name, unique
 from .probes import NONLEAF_WARNING
 
@@ -35,6 +36,7 @@ def finish(recorder: Any) -> None:
     for rec in recorder.leaves:
         _settle(recorder, rec)
     _remember(recorder, run)
+    rank, world_size = rank_and_world()
     block = BlockRecord(
         run=run,
         source=recorder.source,
@@ -50,6 +52,9 @@ def finish(recorder: Any) -> None:
         internal_errors=recorder.internal_errors,
         compiled_ops=_compiled_ops(recorder),
         transforms=_transforms(recorder.source, namespace),
+        rank=rank,
+        world_size=world_size,
+        ddp=recorder.guard(ddp_facts, recorder, namer.module_name) or [],
     )
     if block.compiled_ops:
         block.compiled = _compiled(recorder, namespace)

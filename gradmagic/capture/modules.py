@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..graph.modules import ModuleSpans, install_module_hooks
 
@@ -27,6 +28,8 @@ class ModuleCalls:
         # id(module) -> weak reference, for modules called with grad enabled. An entry
         # whose module died is simply never matched again.
         self._called: dict[int, weakref.ref] = {}
+        # id(DDP) -> [weak reference, forwards that will all-reduce, forwards under no_sync()]
+        self.ddp_calls: dict[int, list[Any]] = {}
         self._handles: list[Any] = []
         self._open: list[nn.Module] = []  # calls in progress, outermost first
         self._spans = spans
@@ -50,8 +53,11 @@ class ModuleCalls:
         if torch.compiler.is_compiling() or threading.get_ident() != self._thread:
             return
         try:
-            if torch.is_grad_enabled() and module not in self:
-                self._called[id(module)] = weakref.ref(module)
+            if torch.is_grad_enabled():
+                if module not in self:
+                    self._called[id(module)] = weakref.ref(module)
+                if isinstance(module, DDP):
+                    self._note_ddp(module)
             opened = self._open
             if opened and opened[-1] is module:
                 opened.pop()
@@ -67,6 +73,24 @@ class ModuleCalls:
         except Exception as exc:  # noqa: BLE001
             self._errors.append(f"module hook: {type(exc).__name__}: {exc}")
         # None: a forward hook that returns something replaces the output
+
+    def _note_ddp(self, module: nn.Module) -> None:
+        """A DDP forward with gradients on: whether its backward will all-reduce, read
+        from the flag `no_sync()` sets (as DDP's own forward read it)."""
+        entry = self.ddp_calls.get(id(module))
+        if entry is None or entry[0]() is not module:
+            entry = self.ddp_calls[id(module)] = [weakref.ref(module), 0, 0]
+        entry[1 if getattr(module, "require_backward_grad_sync", True) else 2] += 1
+
+    def ddp_modules(self) -> list[tuple[nn.Module, int, int]]:
+        """The DDP modules that ran a forward with gradients on, alive, with their counts
+        of synchronised and `no_sync()` forwards."""
+        out = []
+        for ref, synced, unsynced in self.ddp_calls.values():
+            module = ref()
+            if module is not None:
+                out.append((module, synced, unsynced))
+        return out
 
     def __contains__(self, module: object) -> bool:
         ref = self._called.get(id(module))

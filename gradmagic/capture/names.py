@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import _engine
 from .._engine import module_tree
@@ -80,6 +81,10 @@ class Namer:
 
     def _add_module(self, module: nn.Module, prefix: str) -> list[int]:
         modules, params = module_tree(module, prefix)
+        wrappers = [name for name, sub in modules if is_ddp_wrapper(sub)]
+        if wrappers:
+            modules = [(unwrapped_name(name, wrappers), sub) for name, sub in modules]
+            params = [(unwrapped_name(name, wrappers), p) for name, p in params]
         self._trees[prefix] = [sub for _, sub in modules]
         for name, sub in modules:
             self._modules.setdefault(id(sub), name)
@@ -146,6 +151,29 @@ class Namer:
 
     def modules(self) -> dict[int, str]:
         return dict(self._scanned()._modules)
+
+
+def is_ddp_wrapper(module: nn.Module) -> bool:
+    """A `DistributedDataParallel` whose only child is the model it wraps, as `module`, and
+    which holds no parameter of its own: its `module.` can leave its parameters' names
+    without two parameters ending up with one name."""
+    return (
+        isinstance(module, DDP)
+        and list(module._modules) == ["module"]
+        and not any(p is not None for p in module._parameters.values())
+    )
+
+
+def unwrapped_name(name: str, wrappers: list[str]) -> str:
+    """`model.module.fc1.weight` -> `model.fc1.weight` for each DDP wrapper at a path in
+    `wrappers` (the paths as `named_modules` spells them, innermost handled first)."""
+    for path in sorted(wrappers, key=len, reverse=True):
+        inner = f"{path}.module" if path else "module"
+        if name == inner:
+            name = path
+        elif name.startswith(inner + "."):
+            name = (f"{path}." if path else "") + name[len(inner) + 1 :]
+    return name
 
 
 def fallback_name(position: int, consumer: str | None) -> str:

@@ -10,7 +10,9 @@ from typing import Any
 from .. import _engine, stats
 from ..history import History
 from ..options import Options
+from ..records import RankCheck
 from . import edits
+from .ranks import check_ranks as check_ranks_now
 from .recorder import ACTIVE, Recorder
 
 
@@ -39,6 +41,8 @@ def watch(
     explode: float = 1e4,
     ratio: float = 1e4,
     plot: bool | None = None,
+    check_ranks: bool = False,
+    rank_timeout: float = 60.0,
 ) -> Iterator[Recorder]:
     """Record every backward, optimizer step and gradient edit made inside the block.
 
@@ -48,6 +52,11 @@ def watch(
     also when it raises. `vanish`, `explode` and `ratio` are the gradient-norm
     thresholds of the findings; `plot` turns the gradient-flow chart on or off
     (None: on from 8 leaves).
+
+    Under torch.distributed, `check_ranks=True` compares every parameter's `.grad`
+    across the ranks when the block ends and names those that differ. It is a
+    collective: every rank must run the block with it, or the others wait
+    `rank_timeout` seconds and the report says the check did not run.
 
     >>> x = torch.tensor([1., 2.], requires_grad=True)
     >>> with watch() as rec:
@@ -67,9 +76,12 @@ def watch(
         explode=explode,
         ratio=ratio,
         plot=plot,
+        check_ranks=bool(check_ranks),
+        rank_timeout=rank_timeout,
     )
     recorder = Recorder(namespace, source, history, options)
     entered: list[Any] = []
+    raised = False
     _engine.install(_dispatch)  # reference counted: undone once in `finally`
     try:
         edits.install()
@@ -79,6 +91,9 @@ def watch(
                 probe.__enter__()
                 entered.append(probe)
             yield recorder
+        except BaseException:
+            raised = True
+            raise
         finally:
             for probe in reversed(entered):
                 recorder.guard(probe.__exit__, None, None, None)
@@ -92,3 +107,12 @@ def watch(
             recorder.namespace = {**caller.f_globals, **caller.f_locals}
             del caller
         recorder.close()
+        if options.check_ranks and recorder.block is not None:
+            recorder.block.rank_check = _rank_check(recorder, raised)
+
+
+def _rank_check(recorder: Recorder, raised: bool) -> RankCheck:
+    if raised:
+        return RankCheck(error="the block raised on this rank, so this rank did not take part")
+    check = recorder.guard(check_ranks_now, recorder, recorder.options.rank_timeout)
+    return check if check is not None else RankCheck(error="it failed inside gradmagic")

@@ -10,7 +10,14 @@ said once, with a count. The `kind` strings are public API (`rep.findings[i].kin
 from __future__ import annotations
 
 from ..records import BlockRecord
-from . import accumulation, missing, numerics, optimizer, usage  # noqa: F401 - they register
+from . import (  # noqa: F401 - they register
+    accumulation,
+    distributed,
+    missing,
+    numerics,
+    optimizer,
+    usage,
+)
 from ._base import RULES, SEVERITY_ORDER, Finding
 
 __all__ = ["Finding", "findings_for"]

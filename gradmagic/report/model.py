@@ -277,7 +277,21 @@ class GradReport:
         kinds = sorted({b.kind for b in self.backwards})
         calls = f"{n} engine call{'s' if n != 1 else ''}" + (f" ({', '.join(kinds)})" if n else "")
         leaves = f"{len(self.rows)} lea{'f' if len(self.rows) == 1 else 'ves'}"
-        return f"gradmagic · cell run {self.run} · {calls} · {leaves}"
+        where = f"rank {self.rank}/{self.world_size} · " if self.rank is not None else ""
+        return f"gradmagic · {where}cell run {self.run} · {calls} · {leaves}"
+
+    @property
+    def rank(self) -> int | None:
+        """This process's rank when the block ran under torch.distributed with more than
+        one rank; None otherwise."""
+        block = self.block
+        if block is None or block.rank is None or block.world_size <= 1:
+            return None
+        return block.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.block.world_size if self.block is not None else 1
 
     # -- views ------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -303,12 +317,18 @@ class GradReport:
             return report_html(self)
 
     def save(self, path: str | os.PathLike[str]) -> str:
-        """Write a standalone HTML page with the findings, table and graphs."""
+        """Write a standalone HTML page with the findings, table and graphs; return the
+        path written. Under torch.distributed with more than one rank, each rank writes
+        its own page: `grad.html` becomes `grad.rank1.html` on rank 1."""
         from .html import esc
 
+        if self.rank is not None:
+            root, ext = os.path.splitext(os.fspath(path))
+            path = f"{root}.rank{self.rank}{ext}"
+        where = f"rank {self.rank}/{self.world_size} · " if self.rank is not None else ""
         page = (
             '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
-            f"<title>gradmagic report · run {esc(self.run)}</title></head>"
+            f"<title>gradmagic report · {where}run {esc(self.run)}</title></head>"
             f'<body style="margin: 16px;">{self._repr_html_()}</body></html>\n'
         )
         with open(path, "w", encoding="utf-8") as fh:

@@ -1,0 +1,133 @@
+"""torch.distributed as a block sees it: this process's rank, and what each
+`DistributedDataParallel` that ran did to the gradients (`DDPFact`).
+
+Everything here is read from attributes DDP keeps (its process group, the flag
+`no_sync()` sets, its communication hook); nothing calls a collective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import _engine
+from ..records import DDPFact
+
+# What the communication hooks torch ships do with the gradients, by (module, name).
+_HOOKS = "torch.distributed.algorithms.ddp_comm_hooks."
+KNOWN_HOOKS = {
+    (_HOOKS + "default_hooks", "allreduce_hook"): "sums them over the ranks and divides by {n}",
+    (_HOOKS + "default_hooks", "fp16_compress_hook"): (
+        "casts them to float16, sums them over the ranks, divides by {n} and casts back: "
+        "the mean, rounded to float16"
+    ),
+    (_HOOKS + "default_hooks", "bf16_compress_hook"): (
+        "casts them to bfloat16, sums them over the ranks, divides by {n} and casts back: "
+        "the mean, rounded to bfloat16"
+    ),
+    (_HOOKS + "debugging_hooks", "noop_hook"): ("sends nothing: each rank keeps its own gradient"),
+    (_HOOKS + "powerSGD_hook", "powerSGD_hook"): (
+        "all-reduces a low-rank approximation (PowerSGD): the mean, approximated"
+    ),
+    (_HOOKS + "powerSGD_hook", "batched_powerSGD_hook"): (
+        "all-reduces a low-rank approximation (PowerSGD): the mean, approximated"
+    ),
+}
+# The C++ hooks `_register_builtin_comm_hook` installs, by the name DDP's logger keeps.
+KNOWN_BUILTIN = {
+    "BuiltinCommHookType.ALLREDUCE": "sums them over the ranks and divides by {n}",
+    "BuiltinCommHookType.FP16_COMPRESS": KNOWN_HOOKS[
+        (_HOOKS + "default_hooks", "fp16_compress_hook")
+    ],
+}
+
+
+def rank_and_world() -> tuple[int | None, int]:
+    """This process's rank and the world size, when torch.distributed is initialised;
+    (None, 1) otherwise."""
+    try:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:  # noqa: BLE001 - a half-torn-down process group: not distributed
+        pass
+    return None, 1
+
+
+def is_main_process() -> bool:
+    """Whether this process prints what gradmagic prints on its own: rank 0, or any
+    process outside torch.distributed."""
+    rank, world = rank_and_world()
+    return rank is None or world <= 1 or rank == 0
+
+
+def _world_size(ddp: Any) -> int:
+    try:
+        return int(ddp.process_group.size())
+    except Exception:  # noqa: BLE001 - no group object: the default group's size
+        return rank_and_world()[1]
+
+
+def _hook(ddp: Any, world: int) -> tuple[str, str]:
+    name, fn = _engine.ddp_comm_hook(ddp)
+    if not name:
+        return "", ""
+    if fn is None:
+        known = KNOWN_BUILTIN.get(name, "")
+        if name == "BuiltinCommHookType.ALLREDUCE":
+            return "", ""  # DDP's own all-reduce, in C++: nothing to name
+    else:
+        import functools
+
+        while isinstance(fn, functools.partial):
+            fn = fn.func
+        key = (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", ""))
+        known = KNOWN_HOOKS.get(key, "")
+    return name, known.format(n=world)
+
+
+def _reduced_parameters(ddp: Any) -> set[int]:
+    """The ids of the parameters DDP's reducer all-reduces, chosen as DDP chooses them:
+    `{module path}.{name}` not in `parameters_to_ignore`. (A parameter of the wrapped
+    model itself is then `.scale`, so asking DDP to ignore `scale` leaves it reduced.)"""
+    ignore = set(getattr(ddp, "parameters_to_ignore", ()) or ())
+    inner = getattr(ddp, "module", None)
+    if not isinstance(inner, torch.nn.Module):
+        return set()
+    return {
+        id(p)
+        for module_name, module in inner.named_modules()
+        for name, p in module.named_parameters(recurse=False)
+        if p.requires_grad and f"{module_name}.{name}" not in ignore
+    }
+
+
+def ddp_facts(recorder: Any, module_name: Any) -> list[DDPFact]:
+    """One `DDPFact` per DDP module that ran a forward with gradients on in the block."""
+    keys = {id(r.ref()): r.key for r in recorder.leaves if r.ref() is not None}
+    facts = []
+    for ddp, synced, unsynced in recorder.module_calls.ddp_modules():
+        world = _world_size(ddp)
+        hook, known = _hook(ddp, world)
+        synced_keys, ignored_keys = [], []
+        reduced = _reduced_parameters(ddp)
+        inner = getattr(ddp, "module", None)
+        if isinstance(inner, torch.nn.Module):
+            for p in inner.parameters():
+                key = keys.get(id(p))
+                if key is not None and p.requires_grad:
+                    (synced_keys if id(p) in reduced else ignored_keys).append(key)
+        facts.append(
+            DDPFact(
+                name=module_name(ddp) or "",
+                world_size=world,
+                synced=synced,
+                unsynced=unsynced,
+                hook=hook,
+                hook_known=known,
+                leaf_keys=synced_keys,
+                ignored_keys=ignored_keys,
+            )
+        )
+    return facts
