@@ -411,3 +411,30 @@ def test_builtin_comm_hook_is_named_from_ddps_logger(gloo):
     model = DDP(nn.Linear(2, 1))
     model._register_builtin_comm_hook(dist.BuiltinCommHookType.FP16_COMPRESS)
     assert _engine.ddp_comm_hook(model) == ("BuiltinCommHookType.FP16_COMPRESS", None)
+
+
+def test_a_hooks_name_is_escaped_and_an_evaluation_forward_says_nothing(gloo):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def make_hook():
+        def hook(state, bucket):  # returns the bucket as it is: no communication
+            done = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+
+        return hook
+
+    model = DDP(nn.Linear(2, 1))
+    model.register_comm_hook(None, make_hook())
+    x = torch.tensor([[1.0, 2.0]])
+    with gradmagic.watch({"model": model}) as rec, torch.no_grad():
+        model(x)  # evaluation: no backward, nothing reduced
+    assert [f.kind for f in rec.report().findings] == ["no-backward"]  # no "ddp"
+    with gradmagic.watch({"model": model}) as rec:
+        model(x).sum().backward()
+    rep = rec.report()
+    (finding,) = rep.findings
+    assert ".<locals>.make_hook.<locals>.hook`, which decided how" in finding.message
+    html = rep._repr_html_()
+    assert "make_hook.&lt;locals&gt;.hook" in html and "<locals>" not in html
+    assert torch.equal(model.module.weight.grad, torch.tensor([[1.0, 2.0]]))

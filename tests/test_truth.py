@@ -427,7 +427,7 @@ def test_ddp_no_sync_accumulation_is_said_as_intended(gloo):
         "4 backwards summed into the gradient of the step (`opt.step()`)"
     )
     nn.functional.mse_loss(plain(x), y).backward()  # four quarter-batch means: one mean
-    assert torch.allclose(rep["ddp.module.weight"].used, plain.weight.grad, rtol=1e-5)
+    assert torch.allclose(rep["ddp.weight"].used, plain.weight.grad, rtol=1e-5)
 
 
 def test_a_large_gradient_moved_to_other_memory_is_the_same_content():
