@@ -438,3 +438,15 @@ def test_a_hooks_name_is_escaped_and_an_evaluation_forward_says_nothing(gloo):
     html = rep._repr_html_()
     assert "make_hook.&lt;locals&gt;.hook" in html and "<locals>" not in html
     assert torch.equal(model.module.weight.grad, torch.tensor([[1.0, 2.0]]))
+
+
+def test_a_block_that_raised_takes_no_part_in_the_check():
+    w = torch.tensor([1.0], requires_grad=True)
+    with pytest.raises(ZeroDivisionError), gradmagic.watch({"w": w}, check_ranks=True) as rec:
+        (w * 2).sum().backward()
+        1 / 0  # noqa: B018
+    assert [f.message for f in rec.report().findings if f.kind == "ranks-unchecked"] == [
+        "The cross-rank check of the gradients did not run: the block raised on this rank, so "
+        "this rank did not take part."
+    ]
+    assert not _engine.is_patched()
