@@ -189,8 +189,8 @@ def test_fp16_compress_hook_is_named_and_its_rounding_said(ranks):
         assert _finding(report, "ddp")[2] == (
             "`model` is a DistributedDataParallel over 2 ranks: in the backward, DDP handed "
             "the gradients of its parameters to its communication hook `fp16_compress_hook`, "
-            "which casts them to float16, sums them over the ranks, divides by 2 and casts "
-            "back: the mean, rounded to float16."
+            "which casts them to float16, divides them by 2, sums them over the ranks and "
+            "casts back: the mean, rounded to float16."
         )
 
 
@@ -393,8 +393,8 @@ def test_one_rank_ddp_names_hook_and_check(gloo, tmp_path):
             "ddp",
             "`model` is a DistributedDataParallel over 1 rank: in the backward, DDP handed the "
             "gradients of its parameters to its communication hook `fp16_compress_hook`, which "
-            "casts them to float16, sums them over the ranks, divides by 1 and casts back: the "
-            "mean, rounded to float16.",
+            "casts them to float16, divides them by 1, sums them over the ranks and casts back: "
+            "the mean, rounded to float16.",
         ),
         (
             "ranks-unchecked",

@@ -7,6 +7,7 @@ Everything here is read from attributes DDP keeps (its process group, the flag
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -16,31 +17,27 @@ from ..records import DDPFact
 
 # What the communication hooks torch ships do with the gradients, by (module, name).
 _HOOKS = "torch.distributed.algorithms.ddp_comm_hooks."
+_FP16 = (
+    "casts them to float16, divides them by {n}, sums them over the ranks and casts back: "
+    "the mean, rounded to float16"
+)
 KNOWN_HOOKS = {
-    (_HOOKS + "default_hooks", "allreduce_hook"): "sums them over the ranks and divides by {n}",
-    (_HOOKS + "default_hooks", "fp16_compress_hook"): (
-        "casts them to float16, sums them over the ranks, divides by {n} and casts back: "
-        "the mean, rounded to float16"
+    (_HOOKS + "default_hooks", "allreduce_hook"): (
+        "divides them by {n} and sums them over the ranks: their mean, as without a hook"
     ),
-    (_HOOKS + "default_hooks", "bf16_compress_hook"): (
-        "casts them to bfloat16, sums them over the ranks, divides by {n} and casts back: "
-        "the mean, rounded to bfloat16"
-    ),
-    (_HOOKS + "debugging_hooks", "noop_hook"): ("sends nothing: each rank keeps its own gradient"),
+    (_HOOKS + "default_hooks", "fp16_compress_hook"): _FP16,
+    (_HOOKS + "default_hooks", "bf16_compress_hook"): _FP16.replace("float16", "bfloat16"),
+    (_HOOKS + "debugging_hooks", "noop_hook"): "sends nothing: each rank keeps its own gradient",
     (_HOOKS + "powerSGD_hook", "powerSGD_hook"): (
-        "all-reduces a low-rank approximation (PowerSGD): the mean, approximated"
+        "all-reduces a low-rank approximation of them (PowerSGD): the mean, approximated"
     ),
     (_HOOKS + "powerSGD_hook", "batched_powerSGD_hook"): (
-        "all-reduces a low-rank approximation (PowerSGD): the mean, approximated"
+        "all-reduces a low-rank approximation of them (PowerSGD): the mean, approximated"
     ),
 }
 # The C++ hooks `_register_builtin_comm_hook` installs, by the name DDP's logger keeps.
-KNOWN_BUILTIN = {
-    "BuiltinCommHookType.ALLREDUCE": "sums them over the ranks and divides by {n}",
-    "BuiltinCommHookType.FP16_COMPRESS": KNOWN_HOOKS[
-        (_HOOKS + "default_hooks", "fp16_compress_hook")
-    ],
-}
+BUILTIN_ALLREDUCE = "BuiltinCommHookType.ALLREDUCE"  # what DDP does without a hook
+KNOWN_BUILTIN = {"BuiltinCommHookType.FP16_COMPRESS": _FP16}
 
 
 def rank_and_world() -> tuple[int | None, int]:
@@ -73,13 +70,11 @@ def _hook(ddp: Any, world: int) -> tuple[str, str]:
     name, fn = _engine.ddp_comm_hook(ddp)
     if not name:
         return "", ""
+    if name == BUILTIN_ALLREDUCE:
+        return "", ""  # DDP's own all-reduce: nothing to name
     if fn is None:
         known = KNOWN_BUILTIN.get(name, "")
-        if name == "BuiltinCommHookType.ALLREDUCE":
-            return "", ""  # DDP's own all-reduce, in C++: nothing to name
     else:
-        import functools
-
         while isinstance(fn, functools.partial):
             fn = fn.func
         key = (getattr(fn, "__module__", ""), getattr(fn, "__qualname__", ""))
