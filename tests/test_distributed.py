@@ -450,3 +450,20 @@ def test_a_block_that_raised_takes_no_part_in_the_check():
         "this rank did not take part."
     ]
     assert not _engine.is_patched()
+
+
+def test_the_magics_rank_options(ip, capsys):
+    from IPython.core.error import UsageError
+
+    ip.run("w = torch.tensor([1., 2.], requires_grad=True)")
+    ip.run("%%grad --check-ranks --rank-timeout 5 --all-ranks -o rep\n(3 * w).sum().backward()\n")
+    shown = capsys.readouterr().out
+    assert shown.startswith("gradmagic · cell run 1 · ")  # outside torch.distributed: shown
+    sentence = (
+        "The cross-rank check of the gradients did not run: torch.distributed is not "
+        "initialised, so there is no other rank."
+    )
+    assert sentence in shown
+    assert [f.message for f in ip.ns["rep"].findings] == [sentence]
+    with pytest.raises(UsageError, match="--rank-timeout must be above 0, not 0"):
+        ip.shell.run_cell_magic("grad", "--check-ranks --rank-timeout 0", "pass\n")
