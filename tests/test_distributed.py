@@ -70,7 +70,7 @@ def torchrun(out: Path, *scenarios: str, timeout: float = 180) -> list[dict]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    scenarios = ("plain", "nosync", "fp16", "sum", "check", "desync", "ignored", "magic")
+    scenarios = ("plain", "nosync", "fp16", "sum", "check", "desync", "ignored", "branch", "magic")
     return torchrun(out, *scenarios)
 
 
@@ -289,6 +289,27 @@ def test_a_parameter_ddp_ignores_is_said_to_be_this_ranks_own_and_differs(ranks)
 
 
 @pytest.mark.slow
+def test_a_parameter_only_another_rank_used_gets_its_gradient_from_the_all_reduce(ranks):
+    # `find_unused_parameters=True`; rank 1's forward skips `scale`, rank 0's uses it.
+    assert ranks[1]["branch"]["local"]["scale"] is None  # rank 1's own graph: no gradient
+    mean = _t(ranks[0]["branch"]["local"]["scale"]) / 2  # rank 1 sends zeros
+    for r, rank in enumerate(ranks):
+        _identical(rank, "branch")
+        _after_matches_the_plain_run(rank, "branch")
+        report = rank["branch"]["watched"]["reports"][0]
+        status, after = _rows(report)["model.scale"]
+        assert status == "new" and torch.equal(_t(after), mean)
+        message = _finding(report, "ddp")[2]
+        elsewhere = (
+            "`model.scale` was not on this rank's graph: its `.grad` is what the all-reduce "
+            "brought from the other ranks."
+        )
+        assert message.endswith(elsewhere) == (r == 1)
+        assert [f for f in report["findings"] if f[1] != "info"] == []  # nothing "missing"
+        assert "ranks-checked" in _kinds(report)
+
+
+@pytest.mark.slow
 def test_the_magic_shows_its_report_on_rank_0_only(ranks):
     for r, rank in enumerate(ranks):
         shown = rank["magic"]
@@ -402,6 +423,23 @@ def test_one_rank_ddp_names_hook_and_check(gloo, tmp_path):
             "is no other rank.",
         ),
     ]
+
+
+def test_a_ddp_subclass_with_children_of_its_own_keeps_module_in_names(gloo):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradmagic.capture.names import Namer
+
+    class WithHead(DDP):
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__(module)
+            self.head = nn.Linear(1, 1)  # `model.weight` could be this one's or the model's
+
+    plain, sub = DDP(nn.Linear(1, 1)), WithHead(nn.Linear(1, 1))
+    namer = Namer({"plain": plain, "sub": sub})
+    assert namer.name(plain.module.weight) == "plain.weight"
+    assert namer.name(sub.module.weight) == "sub.module.weight"
+    assert namer.name(sub.head.weight) == "sub.head.weight"
 
 
 def test_builtin_comm_hook_is_named_from_ddps_logger(gloo):

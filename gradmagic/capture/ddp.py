@@ -82,20 +82,30 @@ def _hook(ddp: Any, world: int) -> tuple[str, str]:
     return name, known.format(n=world)
 
 
-def _reduced_parameters(ddp: Any) -> set[int]:
-    """The ids of the parameters DDP's reducer all-reduces, chosen as DDP chooses them:
+def reduced_parameters(ddp: Any) -> list[torch.Tensor]:
+    """The parameters DDP's reducer all-reduces, chosen as DDP chooses them:
     `{module path}.{name}` not in `parameters_to_ignore`. (A parameter of the wrapped
     model itself is then `.scale`, so asking DDP to ignore `scale` leaves it reduced.)"""
     ignore = set(getattr(ddp, "parameters_to_ignore", ()) or ())
     inner = getattr(ddp, "module", None)
     if not isinstance(inner, torch.nn.Module):
-        return set()
-    return {
-        id(p)
+        return []
+    found = {
+        id(p): p
         for module_name, module in inner.named_modules()
         for name, p in module.named_parameters(recurse=False)
         if p.requires_grad and f"{module_name}.{name}" not in ignore
     }
+    return list(found.values())
+
+
+def writes_unreached(ddp: Any) -> bool:
+    """Whether DDP's backward may write `.grad` of parameters this rank's graph did not
+    reach: with `find_unused_parameters` (or a static graph) a parameter another rank
+    used gets the all-reduced gradient here too."""
+    return bool(
+        getattr(ddp, "find_unused_parameters", False) or getattr(ddp, "static_graph", False)
+    )
 
 
 def ddp_facts(recorder: Any, module_name: Any) -> list[DDPFact]:
@@ -106,7 +116,7 @@ def ddp_facts(recorder: Any, module_name: Any) -> list[DDPFact]:
         world = _world_size(ddp)
         hook, known = _hook(ddp, world)
         synced_keys, ignored_keys = [], []
-        reduced = _reduced_parameters(ddp)
+        reduced = {id(p) for p in reduced_parameters(ddp)}
         inner = getattr(ddp, "module", None)
         if isinstance(inner, torch.nn.Module):
             for p in inner.parameters():

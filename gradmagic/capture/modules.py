@@ -30,6 +30,8 @@ class ModuleCalls:
         self._called: dict[int, weakref.ref] = {}
         # id(DDP) -> [weak reference, forwards that will all-reduce, forwards under no_sync()]
         self.ddp_calls: dict[int, list[Any]] = {}
+        # DDP modules whose synchronised forward ran since the last backward began.
+        self.ddp_pending: list[weakref.ref] = []
         self._handles: list[Any] = []
         self._open: list[nn.Module] = []  # calls in progress, outermost first
         self._spans = spans
@@ -80,7 +82,15 @@ class ModuleCalls:
         entry = self.ddp_calls.get(id(module))
         if entry is None or entry[0]() is not module:
             entry = self.ddp_calls[id(module)] = [weakref.ref(module), 0, 0]
-        entry[1 if getattr(module, "require_backward_grad_sync", True) else 2] += 1
+        synced = bool(getattr(module, "require_backward_grad_sync", True))
+        entry[1 if synced else 2] += 1
+        if synced and all(ref() is not module for ref in self.ddp_pending):
+            self.ddp_pending.append(weakref.ref(module))
+
+    def take_ddp_pending(self) -> list[nn.Module]:
+        """The DDP modules whose synchronised forward a backward starting now reduces."""
+        pending, self.ddp_pending = self.ddp_pending, []
+        return [m for m in (ref() for ref in pending) if m is not None]
 
     def ddp_modules(self) -> list[tuple[nn.Module, int, int]]:
         """The DDP modules that ran a forward with gradients on, alive, with their counts

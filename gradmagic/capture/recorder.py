@@ -28,6 +28,7 @@ from ..graph.snapshot import snapshot
 from ..history import History, default_history
 from ..options import Options
 from ..records import BackwardRecord, BlockRecord, Change, LeafRecord
+from .ddp import reduced_parameters, writes_unreached
 from .flow import FlowRecorder, RepeatFolder, unhooked_leaves
 from .leaves import Edit, LeafTrack
 from .modules import ModuleCalls
@@ -299,6 +300,8 @@ class Recorder:
             ]
         else:
             targets = found
+            if call.accumulate_grad:
+                targets = found + self._ddp_unreached(found)
         if self.created_names.enabled:
             for root in roots:
                 self.created_names.want(root)
@@ -343,6 +346,25 @@ class Recorder:
         )
         self._flow = (flow, unhooked)
         return record, flow
+
+    def _ddp_unreached(
+        self, found: list[tuple[torch.Tensor, LeafTrack]]
+    ) -> list[tuple[torch.Tensor, LeafTrack]]:
+        """Parameters of a DDP whose synchronised forward this backward reduces, which the
+        graph does not reach but whose `.grad` DDP's all-reduce may write (another rank used
+        them): read before and after like the graph's leaves, so that a gradient DDP wrote
+        is not said to be missing."""
+        modules = self.module_calls.take_ddp_pending()
+        seen = {id(t) for t, _ in found}
+        extra = []
+        for ddp in modules:
+            if not writes_unreached(ddp):
+                continue
+            for p in reduced_parameters(ddp):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    extra.append((p, self.track(p)))
+        return extra
 
     def _before(self, targets: list[tuple[torch.Tensor, LeafTrack]]) -> None:
         """Read each target's `.grad` before the engine adds to it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from .. import stats
 from ..records import BlockRecord, DDPFact, RankGradient
 from ._base import Finding, listing, plural, rule, sci
 
@@ -13,7 +14,7 @@ def _ranks(n: int) -> str:
     return plural(n, "rank")
 
 
-def _ddp_sentence(fact: DDPFact, ignored: list[str]) -> str:
+def _ddp_sentence(fact: DDPFact, ignored: list[str], elsewhere: list[str]) -> str:
     who = f"`{fact.name}`" if fact.name else "A DistributedDataParallel module"
     n = fact.world_size
     forwards = fact.synced + fact.unsynced
@@ -49,6 +50,13 @@ def _ddp_sentence(fact: DDPFact, ignored: list[str]) -> str:
                 "their backwards added to `.grad` on this rank only, and the next synchronised "
                 "backward all-reduced the sum"
             )
+    if elsewhere and fact.synced:
+        one = len(elsewhere) == 1
+        text += (
+            f". {listing(elsewhere)} {'was' if one else 'were'} not on this rank's graph: "
+            f"{'its' if one else 'their'} `.grad` is what the all-reduce brought from the other "
+            "ranks"
+        )
     if ignored:
         one = len(ignored) == 1
         text += (
@@ -71,22 +79,27 @@ def ddp_reduced(block: BlockRecord) -> Iterator[Finding]:
         yield Finding(
             "ddp",
             "info",
-            _ddp_sentence(fact, [r.name for r in ignored]),
+            _ddp_sentence(
+                fact,
+                [r.name for r in ignored],
+                [r.name for r in reached if not r.in_graph and not stats.is_empty(r.after)],
+            ),
             tuple(names),
         )
 
 
 def _norm(value: RankGradient | None) -> str:
-    if value is None or value.shape is None:
+    if value is None:
+        return "no row (no backward reached it)"
+    if value.shape is None:
         return "no `.grad`"
     return f"‖g‖={sci(value.norm)}"
 
 
 def _same(a: RankGradient | None, b: RankGradient | None) -> bool:
-    if a is None or a.shape is None:
-        return b is None or b.shape is None
-    if b is None or b.shape is None:
-        return False
+    """Whether two ranks' fingerprints agree (None: the rank has no row for it)."""
+    if a is None or b is None:
+        return a is b
     return (a.shape, a.dtype, a.checksum) == (b.shape, b.dtype, b.checksum)
 
 

@@ -25,18 +25,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gradmagic
 from gradmagic import _engine
 
-CHECKED = {"check", "desync", "ignored"}  # scenarios run with check_ranks=True
+CHECKED = {"check", "desync", "ignored", "branch"}  # scenarios run with check_ranks=True
 
 
 class Net(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, branch: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(4, 3)
         self.fc2 = nn.Linear(3, 2)
         self.scale = nn.Parameter(torch.ones(2))
+        self.branch = branch  # rank 0 only multiplies by `scale`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x))) * self.scale
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        if self.branch and torch.distributed.get_rank() != 0:
+            return out
+        return out * self.scale
 
 
 def sum_hook(state, bucket):  # noqa: ANN001 - DDP checks real annotations, not strings
@@ -64,20 +68,20 @@ def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: bool) ->
 def local_gradient(mode: str, rank: int) -> dict[str, list]:
     """This rank's own gradient, without DDP."""
     torch.manual_seed(0)
-    net = Net()
+    net = Net(branch=mode == "branch")
     x, y = data(rank)
     backward(net, x, y, mode == "nosync")
-    return {name: p.grad.tolist() for name, p in net.named_parameters()}
+    return {name: None if p.grad is None else p.grad.tolist() for name, p in net.named_parameters()}
 
 
 def run(mode: str, rank: int, watched: bool) -> dict:
     torch.manual_seed(0)
-    net = Net()
+    net = Net(branch=mode == "branch")
     if mode == "ignored":
         # DDP matches `{module path}.{name}`: `fc2.bias` is ignored, while `scale`, a
         # parameter of the model itself, would have to be spelled `.scale` and is reduced.
         DDP._set_params_and_buffers_to_ignore_for_model(net, ["fc2.bias", "scale"])
-    model = DDP(net)
+    model = DDP(net, find_unused_parameters=mode == "branch")
     del net  # the script, like most, knows the model as `model` only
     if mode == "fp16":
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -112,9 +116,7 @@ def run(mode: str, rank: int, watched: bool) -> dict:
                     "text": str(rep).splitlines()[0],
                     "saved": os.path.basename(saved),
                     "saved_exists": os.path.exists(saved),
-                    "rows": [
-                        [r.name, r.status, r.after.tolist(), r.added.tolist()] for r in rep.rows
-                    ],
+                    "rows": [[r.name, r.status, _list(r.after), _list(r.added)] for r in rep.rows],
                     "findings": [
                         [f.kind, f.severity, f.message, list(f.tensors)] for f in rep.findings
                     ],
@@ -125,6 +127,10 @@ def run(mode: str, rank: int, watched: bool) -> dict:
     out["params"] = {n: p.detach().tolist() for n, p in model.module.named_parameters()}
     out["random"] = torch.rand(4).tolist()  # the global generator after the run
     return out
+
+
+def _list(value: object) -> object:
+    return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
 def magic(rank: int) -> dict:
