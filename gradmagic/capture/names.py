@@ -159,8 +159,8 @@ def is_ddp_wrapper(module: nn.Module) -> bool:
     without two parameters ending up with one name."""
     return (
         isinstance(module, DDP)
-        and list(module._modules) == ["module"]
-        and not any(p is not None for p in module._parameters.values())
+        and [name for name, _ in module.named_children()] == ["module"]
+        and next(module.parameters(recurse=False), None) is None
     )
 
 
