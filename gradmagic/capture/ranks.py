@@ -16,6 +16,7 @@ Reading the gradients changes nothing, and nothing here draws a random number.
 from __future__ import annotations
 
 import datetime
+import re
 from typing import Any
 
 import torch
@@ -89,6 +90,13 @@ def _group(timeout: float) -> Any:
     return group
 
 
+def _first_sentence(exc: BaseException) -> str:
+    """The gist of a collective's error: its first sentence, without gloo's `[file:line]`."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip())
+    text = re.split(r"(?<=[^.]{8})\. ", text.splitlines()[0] if text else "", maxsplit=1)[0]
+    return text.rstrip(".")[:160] or type(exc).__name__
+
+
 def check_ranks(recorder: Any, timeout: float) -> RankCheck:
     """Gather every rank's fingerprints of the block's parameters' gradients."""
     rank, world = rank_and_world()
@@ -103,7 +111,7 @@ def check_ranks(recorder: Any, timeout: float) -> RankCheck:
         dist.all_gather_object(gathered, (mine, skipped), group=_group(timeout))
     except Exception as exc:  # noqa: BLE001 - said in the report, never raised
         _GROUPS.pop(timeout, None)  # a group whose collective failed is not used again
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _first_sentence(exc)
         timed_out = "timeout" in text.lower() or "timed out" in text.lower()
         if timed_out:
             error = (
@@ -111,7 +119,10 @@ def check_ranks(recorder: Any, timeout: float) -> RankCheck:
                 "this block with the check on)"
             )
         else:
-            error = f"gathering the fingerprints failed ({type(exc).__name__}: {text[:200]})"
+            error = (
+                f"gathering the fingerprints failed ({text}): a rank stopped, or did not run "
+                "this block with the check on"
+            )
         return RankCheck(world_size=world, error=error, timed_out=timed_out)
     check = RankCheck(world_size=world)
     for their, their_skipped in gathered:

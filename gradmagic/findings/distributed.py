@@ -146,10 +146,16 @@ def ranks_differ(block: BlockRecord) -> Iterator[Finding]:
             tuple(differing),
         )
     if not by_ranks:
-        if names:
+        where = "both ranks" if check.world_size == 2 else f"all {check.world_size} ranks"
+        if len(names) == 1:
             text = (
-                f"Cross-rank check: `.grad` of each of the {plural(len(names), 'parameter')} is "
-                f"the same, bit for bit, on all {check.world_size} ranks when the block ended"
+                f"Cross-rank check: `.grad` of `{names[0]}` is the same, bit for bit, on "
+                f"{where} when the block ended"
+            )
+        elif names:
+            text = (
+                f"Cross-rank check: `.grad` of each of the {len(names)} parameters is the same, "
+                f"bit for bit, on {where} when the block ended"
             )
         else:
             text = "Cross-rank check: no parameter had a row to compare"

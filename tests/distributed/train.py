@@ -166,6 +166,18 @@ def main() -> None:
     for mode in sys.argv[2:]:
         if mode == "magic":
             results[mode] = magic(rank)
+        elif mode == "late":
+            # Both ranks check the first block; only rank 1 the second, and gives up.
+            results[mode] = []
+            w = nn.Parameter(torch.ones(2))
+            for i in range(2):
+                w.grad = None
+                with gradmagic.watch(
+                    {"w": w}, check_ranks=i == 0 or rank == 1, rank_timeout=3
+                ) as rec:
+                    (w * 2).sum().backward()
+                found = rec.report().findings
+                results[mode].append([[f.kind, f.severity, f.message] for f in found])
         elif mode == "timeout":
             # Only rank 1 asks for the check: it must give up after its timeout.
             block = gradmagic.watch(check_ranks=rank == 1, rank_timeout=3)
