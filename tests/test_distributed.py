@@ -450,6 +450,35 @@ def test_a_ddp_subclass_with_children_of_its_own_keeps_module_in_names(gloo):
     assert namer.name(sub.head.weight) == "sub.head.weight"
 
 
+def test_micro_batches_under_no_sync_alone_are_not_a_forgotten_zero_grad(gloo):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(nn.Linear(2, 1))
+    x = torch.tensor([[1.0, 2.0]])
+    with gradmagic.watch({"model": model}) as rec:
+        for _ in range(3):
+            with model.no_sync():
+                model(x).sum().backward()
+    rep = rec.report()
+    assert [(f.kind, f.severity, f.message) for f in rep.findings] == [
+        (
+            "ddp",
+            "info",
+            "`model` is a DistributedDataParallel over 1 rank, and all of its 3 forwards here "
+            "ran under `no_sync()`: DDP did not all-reduce, so `.grad` is this rank's own "
+            "gradient, summed over them on purpose (the first synchronised backward "
+            "all-reduces the sum).",
+        )
+    ]
+    assert torch.equal(rep["model.weight"].after, torch.tensor([[3.0, 6.0]]))
+    # The same loop without DDP's no_sync() is still said to sum.
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gradmagic.watch({"w": w}) as rec:
+        for _ in range(3):
+            (w * 2).sum().backward()
+    assert [f.kind for f in rec.report().findings] == ["accumulated"]
+
+
 def test_builtin_comm_hook_is_named_from_ddps_logger(gloo):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP

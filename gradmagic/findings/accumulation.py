@@ -51,10 +51,17 @@ def summed_in_block(block: BlockRecord) -> Iterator[Finding]:
     with no step and nothing zeroing in between."""
     shown = rows(block)
     stale = [r for r in shown if r.status == "accumulated" and r.stale_steps]
+    # Gradients of a DDP that ran under `no_sync()` in the block sum on purpose: the next
+    # synchronised backward all-reduces the sum (the DDP finding says so).
+    unsynced = {k for f in block.ddp if f.unsynced for k in (*f.leaf_keys, *f.ignored_keys)}
     looped = [
         r
         for r in shown
-        if r.status == "accumulated" and not r.stale_steps and not r.steps and r.summed > 1
+        if r.status == "accumulated"
+        and not r.stale_steps
+        and not r.steps
+        and r.summed > 1
+        and r.key not in unsynced
     ]
     if stale:
         names = [r.name for r in stale]

@@ -25,6 +25,11 @@ def _ddp_sentence(fact: DDPFact, ignored: list[str], elsewhere: list[str]) -> st
             f"{plural(forwards, 'forward')} here ran under `no_sync()`: DDP did not "
             "all-reduce, so `.grad` is this rank's own gradient"
         )
+        if forwards > 1:
+            text += (
+                ", summed over them on purpose (the first synchronised backward all-reduces "
+                "the sum)"
+            )
     else:
         text = f"{who} is a DistributedDataParallel over {_ranks(n)}: in the backward, DDP "
         if fact.hook:
