@@ -70,7 +70,18 @@ def torchrun(out: Path, *scenarios: str, timeout: float = 180) -> list[dict]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("ddp")
-    scenarios = ("plain", "nosync", "fp16", "sum", "check", "desync", "ignored", "branch", "magic")
+    scenarios = (
+        "plain",
+        "nosync",
+        "fp16",
+        "sum",
+        "check",
+        "desync",
+        "ignored",
+        "branch",
+        "magic",
+        "dispatch",
+    )
     return torchrun(out, *scenarios)
 
 
@@ -307,6 +318,13 @@ def test_a_parameter_only_another_rank_used_gets_its_gradient_from_the_all_reduc
         assert message.endswith(elsewhere) == (r == 1)
         assert [f for f in report["findings"] if f[1] != "info"] == []  # nothing "missing"
         assert "ranks-checked" in _kinds(report)
+
+
+@pytest.mark.slow
+def test_a_users_dispatch_mode_sees_the_same_ops_with_the_check(ranks):
+    for rank in ranks:
+        seen = rank["dispatch"]
+        assert seen["plain"] and seen["watched"] == seen["plain"]
 
 
 @pytest.mark.slow

@@ -70,7 +70,10 @@ def fingerprints(recorder: Any) -> tuple[dict[str, RankGradient], dict[str, str]
     skipped: dict[str, str] = {}
     with _engine.quiet():
         for name, leaf in _parameters(recorder):
-            value = _fingerprint(leaf.grad)
+            try:
+                value = _fingerprint(leaf.grad)
+            except Exception as exc:  # noqa: BLE001 - one odd gradient must not stop the check
+                value = f"it could not be read ({type(exc).__name__})"
             if isinstance(value, str):
                 skipped[name] = value
             else:
@@ -108,7 +111,10 @@ def check_ranks(recorder: Any, timeout: float) -> RankCheck:
     dist = torch.distributed
     gathered: list[Any] = [None] * world
     try:
-        dist.all_gather_object(gathered, (mine, skipped), group=_group(timeout))
+        # Out of the user's dispatch modes and the profiler's sight, like every tensor
+        # operation of gradmagic's: the gather packs the fingerprints into tensors.
+        with _engine.quiet():
+            dist.all_gather_object(gathered, (mine, skipped), group=_group(timeout))
     except Exception as exc:  # noqa: BLE001 - said in the report, never raised
         _GROUPS.pop(timeout, None)  # a group whose collective failed is not used again
         text = _first_sentence(exc)

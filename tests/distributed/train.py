@@ -157,6 +157,32 @@ def magic(rank: int) -> dict:
     }
 
 
+def dispatch(rank: int) -> dict:
+    """The ops a user's dispatch mode sees in a DDP step, plainly and watched with the check."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen = {}
+    for watched in (False, True):
+        torch.manual_seed(0)
+        model = DDP(Net())
+        x, y = data(rank)
+        log = Log()
+        block = gradmagic.watch(check_ranks=True) if watched else contextlib.nullcontext()
+        with log, block:
+            nn.functional.mse_loss(model(x), y).backward()
+        seen["watched" if watched else "plain"] = log.ops
+    return seen
+
+
 def main() -> None:
     global OUT
     OUT = sys.argv[1]
@@ -166,6 +192,8 @@ def main() -> None:
     for mode in sys.argv[2:]:
         if mode == "magic":
             results[mode] = magic(rank)
+        elif mode == "dispatch":
+            results[mode] = dispatch(rank)
         elif mode == "late":
             # Both ranks check the first block; only rank 1 the second, and gives up.
             results[mode] = []
