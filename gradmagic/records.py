@@ -188,12 +188,13 @@ class DDPFact:
 
     name: str  # its variable (`model`), else "" when the namespace does not hold it
     world_size: int  # ranks of its process group
-    synced: int  # forwards whose backward DDP all-reduced
+    synced: int  # forwards whose backward DDP all-reduces
     unsynced: int  # forwards under `no_sync()`: their gradients stayed on this rank
     hook: str = ""  # its communication hook's name, "" for DDP's own all-reduce
     hook_known: str = ""  # what the hook does, for the hooks torch ships ("" for others)
     leaf_keys: list[int] = field(default_factory=list)  # rows of its synchronised parameters
     ignored_keys: list[int] = field(default_factory=list)  # rows of parameters DDP ignores
+    forward_before: bool = False  # its forward ran before the block, only its backward in it
 
 
 @dataclass(slots=True)

@@ -182,8 +182,8 @@ def test_no_sync_micro_batches_are_accumulation_not_a_forgotten_zero_grad(ranks)
                 "all-reduced the gradients of its parameters and divided by 2: `.grad` holds "
                 "their mean over the 2 ranks, the same on every rank, not this rank's own "
                 "gradient. 3 of 4 forwards ran under `no_sync()`: their backwards added to "
-                "`.grad` on this rank only, and the next synchronised backward all-reduced "
-                "the sum."
+                "`.grad` on this rank only, and a synchronised backward all-reduces all that "
+                "`.grad` holds by then."
             )
 
 
@@ -495,6 +495,29 @@ def test_micro_batches_under_no_sync_alone_are_not_a_forgotten_zero_grad(gloo):
         for _ in range(3):
             (w * 2).sum().backward()
     assert [f.kind for f in rec.report().findings] == ["accumulated"]
+
+
+def test_a_forward_before_the_block_is_said_so(gloo):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(nn.Linear(2, 1))
+    x = torch.tensor([[1.0, 2.0]])
+    loss = model(x).sum()  # the forward, in an earlier cell
+    with gradmagic.watch({"model": model, "loss": loss}) as rec:
+        loss.backward()
+    with model.no_sync():
+        loss = model(x).sum()
+    with gradmagic.watch({"model": model, "loss": loss}) as rec2:
+        loss.backward()
+    assert [f.message for f in rec.report().findings] == [
+        "`model` is a DistributedDataParallel over 1 rank whose forward ran before this block: "
+        "in the backward, DDP all-reduced the gradients of its parameters over its one rank, "
+        "which leaves them as they were."
+    ]
+    assert [f.message for f in rec2.report().findings if f.kind == "ddp"] == [
+        "`model` is a DistributedDataParallel over 1 rank whose forward ran before this block, "
+        "under `no_sync()`: DDP did not all-reduce, so `.grad` is this rank's own gradient."
+    ]
 
 
 def test_builtin_comm_hook_is_named_from_ddps_logger(gloo):

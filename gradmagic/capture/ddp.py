@@ -11,6 +11,7 @@ import functools
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import _engine
 from ..records import DDPFact
@@ -108,11 +109,25 @@ def writes_unreached(ddp: Any) -> bool:
     )
 
 
-def ddp_facts(recorder: Any, module_name: Any) -> list[DDPFact]:
-    """One `DDPFact` per DDP module that ran a forward with gradients on in the block."""
+def ddp_facts(recorder: Any, namer: Any) -> list[DDPFact]:
+    """One `DDPFact` per DDP module that ran a forward with gradients on in the block, and
+    per DDP module of the namespace whose forward ran before it and whose parameters a
+    backward of the block reached (its flag `require_forward_param_sync` says whether
+    that forward ran under `no_sync()`)."""
     keys = {id(r.ref()): r.key for r in recorder.leaves if r.ref() is not None}
+    reached = {id(r.ref()) for r in recorder.leaves if r.backwards and r.ref() is not None}
+    ran = recorder.module_calls.ddp_modules()
+    seen = {id(ddp) for ddp, _, _ in ran}
+    earlier = []
+    for name in namer.module_parameters():
+        for module in namer.submodules(name):
+            if isinstance(module, DDP) and id(module) not in seen:
+                seen.add(id(module))
+                if any(id(p) in reached for p in module.parameters()):
+                    synced = bool(getattr(module, "require_forward_param_sync", True))
+                    earlier.append((module, int(synced), int(not synced)))
     facts = []
-    for ddp, synced, unsynced in recorder.module_calls.ddp_modules():
+    for ddp, synced, unsynced in ran + earlier:
         world = _world_size(ddp)
         hook, known = _hook(ddp, world)
         synced_keys, ignored_keys = [], []
@@ -125,7 +140,7 @@ def ddp_facts(recorder: Any, module_name: Any) -> list[DDPFact]:
                     (synced_keys if id(p) in reduced else ignored_keys).append(key)
         facts.append(
             DDPFact(
-                name=module_name(ddp) or "",
+                name=namer.module_name(ddp) or "",
                 world_size=world,
                 synced=synced,
                 unsynced=unsynced,
@@ -133,6 +148,7 @@ def ddp_facts(recorder: Any, module_name: Any) -> list[DDPFact]:
                 hook_known=known,
                 leaf_keys=synced_keys,
                 ignored_keys=ignored_keys,
+                forward_before=id(ddp) not in {id(m) for m, _, _ in ran},
             )
         )
     return facts

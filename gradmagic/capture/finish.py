@@ -54,7 +54,7 @@ def finish(recorder: Any) -> None:
         transforms=_transforms(recorder.source, namespace),
         rank=rank,
         world_size=world_size,
-        ddp=recorder.guard(ddp_facts, recorder, namer.module_name) or [],
+        ddp=recorder.guard(ddp_facts, recorder, namer) or [],
     )
     if block.compiled_ops:
         block.compiled = _compiled(recorder, namespace)

@@ -19,7 +19,13 @@ def _ddp_sentence(fact: DDPFact, ignored: list[str], elsewhere: list[str]) -> st
     n = fact.world_size
     forwards = fact.synced + fact.unsynced
     params = f"its parameters except {listing(ignored)}" if ignored else "its parameters"
-    if not fact.synced:
+    if fact.forward_before and not fact.synced:
+        text = (
+            f"{who} is a DistributedDataParallel over {_ranks(n)} whose forward ran before "
+            "this block, under `no_sync()`: DDP did not all-reduce, so `.grad` is this "
+            "rank's own gradient"
+        )
+    elif not fact.synced:
         text = (
             f"{who} is a DistributedDataParallel over {_ranks(n)}, and all of its "
             f"{plural(forwards, 'forward')} here ran under `no_sync()`: DDP did not "
@@ -31,7 +37,8 @@ def _ddp_sentence(fact: DDPFact, ignored: list[str], elsewhere: list[str]) -> st
                 "the sum)"
             )
     else:
-        text = f"{who} is a DistributedDataParallel over {_ranks(n)}: in the backward, DDP "
+        before = " whose forward ran before this block" if fact.forward_before else ""
+        text = f"{who} is a DistributedDataParallel over {_ranks(n)}{before}: in the backward, DDP "
         if fact.hook:
             what = fact.hook_known or (
                 "decided how: `.grad` holds what the hook returned, which is the mean over the "
@@ -42,7 +49,10 @@ def _ddp_sentence(fact: DDPFact, ignored: list[str], elsewhere: list[str]) -> st
                 f"`{fact.hook}`, which {what}"
             )
         elif n == 1:
-            text += f"all-reduced the gradients of {params} over its one rank, which leaves them as they were"
+            text += (
+                f"all-reduced the gradients of {params} over its one rank, which leaves them "
+                "as they were"
+            )
         else:
             text += (
                 f"all-reduced the gradients of {params} and divided by {n}: `.grad` holds "
@@ -52,8 +62,8 @@ def _ddp_sentence(fact: DDPFact, ignored: list[str], elsewhere: list[str]) -> st
         if fact.unsynced:
             text += (
                 f". {fact.unsynced} of {plural(forwards, 'forward')} ran under `no_sync()`: "
-                "their backwards added to `.grad` on this rank only, and the next synchronised "
-                "backward all-reduced the sum"
+                "their backwards added to `.grad` on this rank only, and a synchronised "
+                "backward all-reduces all that `.grad` holds by then"
             )
     if elsewhere and fact.synced:
         one = len(elsewhere) == 1

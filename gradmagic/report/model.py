@@ -154,7 +154,8 @@ class GradReport:
     calls; `findings` what gradmagic noticed; `graph` the `graphviz.Digraph`
     (a list when the block ran several distinct graphs); `steps` what each
     optimizer's `step()` did (`step_table`); `flow` the gradient-flow chart;
-    `block` every fact recorded.
+    `block` every fact recorded; `rank` and `world_size` where torch.distributed
+    ran with more than one rank.
     """
 
     rows: list[LeafRow]
