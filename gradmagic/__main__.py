@@ -1,4 +1,5 @@
-"""Command line: `python -m gradmagic demo [--out DIR] [NOTEBOOK...]`."""
+"""Command line: `python -m gradmagic demo [--out DIR] [NOTEBOOK...]`, and
+`python -m gradmagic run [--steps 1,100] [--out DIR] train.py [ARGS...]`."""
 
 from __future__ import annotations
 
@@ -33,12 +34,49 @@ def _parser() -> argparse.ArgumentParser:
         help="which notebooks: a path, a name like 03_gradient_argument, or a prefix like 03 "
         "(default: all of them)",
     )
+    run = commands.add_parser(
+        "run",
+        help="run a training script unchanged and write a report of the steps you name",
+        description="Run SCRIPT as `python SCRIPT ARGS` would (its arguments, output, "
+        "exceptions and exit code are its own), watch its backwards and optimizer steps, "
+        "and write an HTML report of each step in --steps into DIR, one line on stderr per "
+        "report. A step is an optimizer step; in a script without an optimizer, a "
+        "backward. Under torchrun, each rank writes its own files. Options go before SCRIPT.",
+    )
+    run.add_argument(
+        "--steps",
+        metavar="N[,N...]",
+        type=_steps,
+        default=[1],
+        help="which steps to report, counted from 1 (default: 1)",
+    )
+    run.add_argument(
+        "--out",
+        metavar="DIR",
+        default="gradmagic-run",
+        help="where to write the reports (default: ./gradmagic-run/)",
+    )
+    run.add_argument("script", metavar="SCRIPT", help="the Python script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
     return parser
+
+
+def _steps(text: str) -> list[int]:
+    from .run import parse_steps
+
+    try:
+        return parse_steps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "run":
+        from .run import run_script
+
+        return run_script(args.script, args.args, args.steps, args.out)
     if args.command != "demo":
         parser.print_help()
         return 2

@@ -29,6 +29,7 @@ class RunEntry:
     added: Any
     status: str
     runs: int
+    trajectory: Any = None  # ‖.grad‖ after each backward of the run (a loop), compacted
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .graph.data import GraphSnapshot
 from .options import Options
+from .trajectory import Trajectory
 
 
 @dataclass(slots=True)
@@ -63,6 +64,7 @@ class LeafRecord:
     stale_steps: int = 0  # steps that used a gradient an earlier step had already used
     cycles: list[int] = field(default_factory=list)  # backwards summed into each step's gradient
     emptied: int = 0  # times it was set to None or zeroed between backwards
+    trajectory: Trajectory = field(default_factory=Trajectory)  # ‖.grad‖ after each backward
     stale_start: bool = False  # `before` held a gradient that `after` still adds to
     before_origin: str = ""  # "watched run", "changed", "unwatched": where `before` came from
     runs_before: int = 0  # cell runs that had added to `before`

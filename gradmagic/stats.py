@@ -488,6 +488,23 @@ def nonfinite(value: Any) -> bool:
     return False
 
 
+def reading_norms(values: Sequence[Any]) -> list[float | None]:
+    """The norm of each reading: a summary's as it was read, a copy's from the copy (one
+    host sync per device; a norm-only pass over the copy, never over the gradient)."""
+    out: list[float | None] = [None] * len(values)
+    copies: list[tuple[int, torch.Tensor]] = []
+    for i, value in enumerate(values):
+        if isinstance(value, TensorSummary):
+            out[i] = value.norm
+        elif isinstance(value, torch.Tensor):
+            v, _ = computable(value)
+            if v is not None:
+                copies.append((i, v))
+    for (i, _), norm in zip(copies, norms([v for _, v in copies])):
+        out[i] = norm
+    return out
+
+
 def norm_of(value: Any) -> float | None:
     """The norm of a reading: a copy's from its numbers, a summary's as recorded."""
     if isinstance(value, TensorSummary):

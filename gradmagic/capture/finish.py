@@ -21,6 +21,7 @@ from .probes import NONLEAF_WARNING
 
 SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign)
 NO_GRAD_ERROR = "does not require grad and does not have a grad_fn"
+HISTORY_POINTS = 32  # buckets of a run's trajectory the history keeps (it keeps many runs)
 
 
 def finish(recorder: Any) -> None:
@@ -298,7 +299,9 @@ def _remember(recorder: Any, run: int) -> None:
         if leaf is None or rec.backwards == 0:
             continue
         values = [_comparable(v) for v in (rec.before, rec.after, rec.added, rec.latest)]
-        entry = RunEntry(run, *values[:3], rec.status, rec.runs)
+        path = rec.trajectory
+        kept = path.compact(HISTORY_POINTS) if path.count > 1 else None
+        entry = RunEntry(run, *values[:3], rec.status, rec.runs, kept)
         recorder.history.record(leaf, entry, values[3])
 
 

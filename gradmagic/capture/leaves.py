@@ -159,9 +159,11 @@ class LeafTrack:
         self._reading(value, clock, edits, "before the next backward")
         return False
 
-    def after_backward(self, value: Any, ok: bool, graph: Any, clock: int) -> bool:
-        """The reading right after a backward; False when it added nothing (it raised
-        before reaching this leaf)."""
+    def after_backward(
+        self, value: Any, ok: bool, graph: Any, clock: int, norm: float | None = None
+    ) -> bool:
+        """The reading right after a backward (`norm`: its norm, for the trajectory); False
+        when it added nothing (it raised before reaching this leaf)."""
         rec = self.record
         if not ok:
             rec.failed += 1
@@ -169,6 +171,7 @@ class LeafTrack:
                 self.last_clock = clock
                 return False
         rec.backwards += 1
+        rec.trajectory.add(norm)
         self.run_summed += 1
         self.run_graphs[id(graph)] = graph
         self.summed_graphs = self.run_graphs  # the same dict until the run starts over

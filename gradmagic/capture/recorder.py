@@ -392,6 +392,7 @@ class Recorder:
             return
         pending, self._pending = self._pending, []
         values = self.read([t.grad for t, _ in pending])
+        found = stats.reading_norms(values)  # the readings' own norms: no pass over a gradient
         clock = self.tick()
         snap = record.graph
 
@@ -401,8 +402,8 @@ class Recorder:
         for nid, track in unhooked.items():
             if ok and id(track) in after:
                 flow.derive(nid, after[id(track)])
-        for (t, track), value in zip(pending, values):
-            if not track.after_backward(value, ok, snap, clock):
+        for (t, track), value, norm in zip(pending, values, found):
+            if not track.after_backward(value, ok, snap, clock, norm):
                 continue
             difference = None
             if track.base_copy is not None and not isinstance(value, torch.Tensor):

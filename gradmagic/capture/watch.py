@@ -43,6 +43,7 @@ def watch(
     plot: bool | None = None,
     check_ranks: bool = False,
     rank_timeout: float = 60.0,
+    recorder_type: type[Recorder] = Recorder,
 ) -> Iterator[Recorder]:
     """Record every backward, optimizer step and gradient edit made inside the block.
 
@@ -51,7 +52,8 @@ def watch(
     to get a gradient. Everything installed is removed when the block exits,
     also when it raises. `vanish`, `explode` and `ratio` are the gradient-norm
     thresholds of the findings; `plot` turns the gradient-flow chart on or off
-    (None: on from 8 leaves).
+    (None: on from 8 leaves). `recorder_type` is the class that records (a subclass of
+    `Recorder` that also sees each engine call: the script runner's).
 
     Under torch.distributed, `check_ranks=True` compares every parameter's `.grad`
     across the ranks when the block ends and names those that differ. It is a
@@ -79,7 +81,7 @@ def watch(
         check_ranks=bool(check_ranks),
         rank_timeout=rank_timeout,
     )
-    recorder = Recorder(namespace, source, history, options)
+    recorder = recorder_type(namespace, source, history, options)
     entered: list[Any] = []
     raised = False
     _engine.install(_dispatch)  # reference counted: undone once in `finally`

@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from ..capture.probes import DELTA_BUDGET_COPIES
+from ..trajectory import Sparkline, sparkline
 from .cells import (
     VALUE_WIDTH,
     added_text,
@@ -28,6 +29,7 @@ from .cells import (
     then_text,
     value_text,
 )
+from .text import TREND_HEAD, TREND_WIDTH, trend_legend
 
 FONT = "-apple-system, BlinkMacSystemFont, 'Segoe UI', Helvetica, Arial, sans-serif"
 MONO = "font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px;"
@@ -164,11 +166,33 @@ def value_cell(cls: str, text: str, style: str = "", width: int = VALUE_WIDTH) -
     )
 
 
+def trend_cell(spark: Sparkline | None, trajectory: Any) -> str:
+    """A sparkline in a monospace span: what it shows and its numbers in the tooltip."""
+    if spark is None:
+        return f'<td class="gm-trend" style="{TD}"></td>'
+    numbers = (
+        f"{spark.count:,} backwards: first {trajectory.first:.4g}, last {trajectory.last:.4g}"
+    )
+    title = f"{numbers}. {spark.legend()}"
+    return (
+        f'<td class="gm-trend" style="{TD}"><span title="{esc(title)}" '
+        f'style="{MONO} letter-spacing: 0;">{esc(spark.text)}</span></td>'
+    )
+
+
 def _table(report: Any, uid: str) -> str:
-    heads = ("name", "status", "runs", "added", "before", "after", "shape", "dtype / device")
-    head = "".join(f'<th style="{TH}">{h}</th>' for h in heads)
-    body = []
     shown, hidden = report.shown_rows()
+    sparks = [sparkline(r.trajectory, TREND_WIDTH) for r in shown]
+    trend = any(sparks)
+    heads = ["name", "status", "runs", "added", "before", "after", "shape", "dtype / device"]
+    head = "".join(f'<th style="{TH}">{h}</th>' for h in heads)
+    if trend:
+        legend = esc(trend_legend([s for s in sparks if s]))
+        head = head.replace(
+            f'<th style="{TH}">shape</th>',
+            f'<th style="{TH}" title="{legend}">{esc(TREND_HEAD)}</th><th style="{TH}">shape</th>',
+        )
+    body = []
     for i, r in enumerate(shown):
         row_bg, badge_bg, badge_fg = STATUS_STYLE.get(r.status, ("#ffffff", "#e5e7eb", INK))
         title = f' title="{esc(", ".join(r.names))}"' if len(r.names) > 1 else ""
@@ -193,6 +217,7 @@ def _table(report: Any, uid: str) -> str:
             + value_cell("gm-added", added_text(r), strong)
             + value_cell("gm-before", value_text(r.before))
             + after
+            + (trend_cell(sparks[i], r.trajectory) if trend else "")
             + f'<td class="gm-shape" style="{TD}">{esc(shape_text(r.shape))}</td>'
             f'<td class="gm-dtype" style="{TD};{WRAP}">{esc(r.dtype)} / {esc(r.device)}</td></tr>'
         )
@@ -201,6 +226,11 @@ def _table(report: Any, uid: str) -> str:
         if hidden
         else ""
     )
+    if trend:
+        more = (
+            f'<div class="gm-trend-legend" style="color: {MUTED};">{esc(TREND_HEAD)}: '
+            f"{esc(trend_legend([s for s in sparks if s]))}</div>{more}"
+        )
     return (
         f'<div class="gm-scroll" style="{SCROLL}"><table class="gradmagic-table" '
         f'style="{TABLE}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'

@@ -11,12 +11,24 @@ import torch
 from .. import _engine, stats
 from ..findings import Finding, findings_for
 from ..records import BlockRecord, Change, LeafRecord, OptimizerSteps, rows
+from ..trajectory import Trajectory
 from .plot import GradientFlow, gradient_flow
 
 # Rows drawn in HTML and text; `rep.table` always has them all. Problem rows come first.
 MAX_SHOWN_ROWS = 200
 PROBLEM_STATUSES = ("nan/inf", "none", "accumulated")
-COLUMNS = ("shape", "dtype", "device", "before", "after", "added", "status", "runs", "then")
+COLUMNS = (
+    "shape",
+    "dtype",
+    "device",
+    "before",
+    "after",
+    "added",
+    "status",
+    "runs",
+    "then",
+    "norms",
+)
 
 
 @dataclass
@@ -49,6 +61,7 @@ class LeafRow:
     added_known: bool = True
     _ref: Any = field(default=None, repr=False)
     end_read: bool = True  # False: a large gradient not read again when the block ended
+    trajectory: Trajectory = field(default_factory=Trajectory)  # ‖.grad‖ after each backward
 
     def tensor(self) -> torch.Tensor | None:
         return self._ref() if self._ref is not None else None
@@ -170,6 +183,9 @@ class GradReport:
     flow: GradientFlow | None = None
     notes: list[str] = field(default_factory=list)
     block: BlockRecord | None = field(default=None, repr=False)
+    # What the headline calls the block: "cell run 2" by default; the script runner's
+    # "train.py · optimizer step 100".
+    label: str | None = None
 
     @classmethod
     def from_block(cls, block: BlockRecord) -> GradReport:
@@ -208,8 +224,10 @@ class GradReport:
     # -- data -------------------------------------------------------------------------------
     @property
     def table(self) -> Any:
-        """One row per leaf: shape, dtype, device, before, after, added, status, runs, and
-        `then`, the changes after the last backward, as text."""
+        """One row per leaf: shape, dtype, device, before, after, added, status, runs,
+        `then` (the changes after the last backward, as text) and `norms`, the norm of
+        `.grad` right after each backward that reached it (past `trajectory.MAX_POINTS`
+        backwards, the smallest and largest of each bucket: `rep[name].trajectory`)."""
         import pandas as pd
 
         from .cells import then_text
@@ -225,6 +243,7 @@ class GradReport:
                 r.status,
                 r.runs,
                 "; ".join(then_text(c) for c in r.then),
+                r.trajectory.norms(),
             ]
             for r in self.rows
         ]
@@ -279,7 +298,8 @@ class GradReport:
         calls = f"{n} engine call{'s' if n != 1 else ''}" + (f" ({', '.join(kinds)})" if n else "")
         leaves = f"{len(self.rows)} lea{'f' if len(self.rows) == 1 else 'ves'}"
         where = f"rank {self.rank}/{self.world_size} · " if self.rank is not None else ""
-        return f"gradmagic · {where}cell run {self.run} · {calls} · {leaves}"
+        label = self.label or f"cell run {self.run}"
+        return f"gradmagic · {where}{label} · {calls} · {leaves}"
 
     @property
     def rank(self) -> int | None:
@@ -329,7 +349,8 @@ class GradReport:
         where = f"rank {self.rank}/{self.world_size} · " if self.rank is not None else ""
         page = (
             '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
-            f"<title>gradmagic report · {where}run {esc(self.run)}</title></head>"
+            f"<title>gradmagic report · {where}{esc(self.label or f'run {self.run}')}</title>"
+            "</head>"
             f'<body style="margin: 16px;">{self._repr_html_()}</body></html>\n'
         )
         with open(path, "w", encoding="utf-8") as fh:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..trajectory import sparkline
 from .cells import (
     VALUE_WIDTH,
     added_text,
@@ -19,6 +20,8 @@ from .cells import (
     value_text,
 )
 
+TREND_WIDTH = 24  # characters of a sparkline
+TREND_HEAD = "‖g‖ after each backward"
 SYMBOLS = {"error": "✖", "warning": "▲", "info": "ℹ"}
 HEADER = ["name", "status", "runs", "added", "before", "after", "shape", "dtype/device"]
 STEP_HEADER = ["name", "shape", "grad at last step", "before first step", "at end", "change"]
@@ -46,6 +49,25 @@ def _table(rows: list[list[str]], indent: str, widths: list[int]) -> list[str]:
     ]
 
 
+def trend_legend(sparks: list[Any]) -> str:
+    """What the sparklines of a table show: one sentence for all of them, each row's own
+    scale where they differ."""
+    scales = {s.scale for s in sparks}
+    per = max(s.per_char for s in sparks)
+    each = (
+        "one character per backward"
+        if per <= 1
+        else "each character the largest norm of the backwards it covers"
+    )
+    scale = (
+        "log scale where a row's norms span more than a decade (▁ its smallest, █ its "
+        "largest), else linear from 0 to its largest"
+        if "log" in scales
+        else "linear from 0 to each row's largest (█)"
+    )
+    return f"the norm read right after each backward that reached it; {each}; {scale}; · zero, ! NaN/Inf"
+
+
 def report_text(report: Any, color: bool = False) -> str:
     lines = [report.headline()]
     for f in report.findings:
@@ -65,15 +87,25 @@ def report_text(report: Any, color: bool = False) -> str:
             ]
             for r in shown
         ]
+        header = HEADER
+        sparks = [sparkline(r.trajectory, TREND_WIDTH) for r in shown]
+        if any(sparks):
+            header = [*HEADER, TREND_HEAD]
+            for row, spark in zip(body, sparks):
+                row.append(spark.text if spark else "")
         widths = [
-            min(VALUE_WIDTH + 12, max(len(row[i]) for row in [HEADER, *body])) for i in range(8)
+            min(VALUE_WIDTH + 12, max(len(row[i]) for row in [header, *body]))
+            for i in range(len(header))
         ]
-        lines += _table([HEADER], "  ", widths)
+        lines += _table([header], "  ", widths)
         for row, r in zip(body, shown):
             (line,) = _table([row], "  ", widths)
             lines.append(_paint(line, r.status, color) if r.status != "new" else line)
             for change in r.then:
                 lines.append(f"      then {clip(then_text(change), 120)}")
+        drawn = [spark for spark in sparks if spark]
+        if drawn:
+            lines.append(f"  {TREND_HEAD}: {trend_legend(drawn)}")
         if hidden:
             lines.append(
                 f"  {hidden:,} more rows not shown (problem rows come first); "

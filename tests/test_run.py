@@ -1,0 +1,237 @@
+"""`python -m gradmagic run` and `GRADMAGIC=1`: unmodified scripts, watched step by step."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "train_mlp.py"
+TIMEOUT = 180
+NAMES = ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
+
+
+def _run(cmd: list[str], cwd: Path, **env: str) -> tuple[int, str, str]:
+    """Run `cmd`, failing the test (and killing its process group) past TIMEOUT."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRADMAGIC")}
+    environ.update(PYTHONPATH=str(ROOT), **env)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT} s")
+    return proc.returncode, out, err
+
+
+def _rows(page: str) -> list[tuple[str, str]]:
+    """(name, status) of each row of a report's gradient table."""
+    table = page[page.index('class="gradmagic-table"') :]
+    table = table[: table.index("</table>")]
+    statuses = re.findall(r'<tr id="[^"]+" data-status="([^"]+)"', table)
+    names = re.findall(r'<td class="gm-name"[^>]*>([^<]*)</td>', table)
+    return list(zip(names, statuses))
+
+
+def _same_params(a: Path, b: Path) -> None:
+    left, right = torch.load(a), torch.load(b)
+    assert list(left) == list(right)
+    for key in left:
+        assert torch.equal(left[key], right[key]), key
+
+
+def test_run_writes_the_steps_asked_for_and_changes_nothing(tmp_path):
+    args = ["--steps", "3", "--save"]
+    code, plain_out, plain_err = _run([sys.executable, str(SCRIPT), *args, "plain.pt"], tmp_path)
+    assert (code, plain_err) == (0, "")
+    code, out, err = _run(
+        [sys.executable, "-m", "gradmagic", "run", "--steps", "1,3", "--out", "rep", str(SCRIPT)]
+        + [*args, "watched.pt"],
+        tmp_path,
+    )
+    assert code == 0
+    assert out == plain_out  # the script's own output, untouched
+    assert err == (
+        "gradmagic: optimizer step 1 → rep/step-1.html\n"
+        "gradmagic: optimizer step 3 → rep/step-3.html\n"
+    )
+    assert sorted(os.listdir(tmp_path / "rep")) == ["step-1.html", "step-3.html"]
+    _same_params(tmp_path / "plain.pt", tmp_path / "watched.pt")
+    page = (tmp_path / "rep" / "step-3.html").read_text()
+    assert _rows(page) == [(name, "new") for name in NAMES]
+    assert "gradmagic · train_mlp.py · optimizer step 3 · 1 engine call (backward) · 4 leaves" in (
+        page
+    )
+    assert "opt = SGD(lr=0.1, momentum=0.9) · 1 step" in page
+    assert "<script" not in page and "<style" not in page
+
+
+def test_a_script_that_raises_keeps_its_traceback_and_exit_code(tmp_path):
+    args = [str(SCRIPT), "--steps", "3", "--raise-at", "2"]
+    code, plain_out, plain_err = _run([sys.executable, *args], tmp_path)
+    assert code == 1 and plain_err.startswith("Traceback (most recent call last):\n")
+    code, out, err = _run(
+        [sys.executable, "-m", "gradmagic", "run", "--steps", "1,2,5", *args], tmp_path
+    )
+    assert (code, out) == (1, plain_out)
+    ours = [line for line in err.splitlines(keepends=True) if line.startswith("gradmagic")]
+    assert ours == [
+        "gradmagic: optimizer step 1 → gradmagic-run/step-1.html\n",
+        "gradmagic: optimizer step 2 (the script ended during it) → gradmagic-run/step-2.html\n",
+        "gradmagic: optimizer step 5 not reached (the script made 1 optimizer step); "
+        "nothing written for it\n",
+    ]
+    assert "".join(line for line in err.splitlines(keepends=True) if line not in ours) == (
+        plain_err
+    )
+    page = (tmp_path / "gradmagic-run" / "step-2.html").read_text()
+    assert "optimizer step 2 (the script ended before it returned)" in page
+    assert _rows(page) == [(name, "new") for name in NAMES]
+
+
+def test_exit_code_and_argv_are_the_scripts(tmp_path):
+    script = tmp_path / "exits.py"
+    script.write_text(
+        "import sys, os\n"
+        "print(os.path.basename(sys.argv[0]), sys.argv[1:], __name__, __file__)\n"
+        "print(sys.path[0] == os.path.dirname(os.path.abspath(__file__)))\n"
+        "sys.exit(3)\n"
+    )
+    plain = _run([sys.executable, "exits.py", "a", "--b"], tmp_path)
+    watched = _run([sys.executable, "-m", "gradmagic", "run", "exits.py", "a", "--b"], tmp_path)
+    # runpy gives sys.argv[0] the path it runs: the absolute one, like `__file__`.
+    assert plain[:2] == (3, f"exits.py ['a', '--b'] __main__ {script}\nTrue\n")
+    assert watched[:2] == plain[:2]
+    assert watched[2] == "gradmagic: the script ran no backward and no optimizer step; nothing written\n"
+
+
+def test_bad_input_is_a_sentence(tmp_path):
+    code, _, err = _run([sys.executable, "-m", "gradmagic", "run", "nope.py"], tmp_path)
+    assert code == 2
+    assert err == (
+        "gradmagic run: cannot open 'nope.py': no such file. Give the path of a Python "
+        "script: python -m gradmagic run train.py [ARGS...]\n"
+    )
+    for steps in ("0", "1,x", "", "-3"):
+        code, _, err = _run(
+            [sys.executable, "-m", "gradmagic", "run", "--steps", steps, str(SCRIPT)], tmp_path
+        )
+        assert code == 2
+        assert err.splitlines()[-1].endswith(
+            f"argument --steps: {steps!r} is not a list of positive whole numbers: "
+            "give steps like 1 or 1,100."
+        )
+        assert "Traceback" not in err
+    assert not (tmp_path / "gradmagic-run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        *args,
+    ]
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_each_rank_writes_its_own_reports(tmp_path):
+    args = [str(SCRIPT), "--steps", "2", "--save"]
+    code, plain_out, _ = _run(_torchrun(*args, "plain.pt"), tmp_path)
+    assert code == 0
+    code, out, err = _run(
+        _torchrun("-m", "gradmagic", "run", "--steps", "1,2", *args, "watched.pt"), tmp_path
+    )
+    assert code == 0
+    assert sorted(out.splitlines()) == sorted(plain_out.splitlines())
+    ours = sorted(line for line in err.splitlines() if line.startswith("gradmagic"))
+    assert ours == [
+        f"gradmagic[rank {r}]: optimizer step {s} → gradmagic-run/step-{s}-rank{r}.html"
+        for r in (0, 1)
+        for s in (1, 2)
+    ]
+    assert sorted(os.listdir(tmp_path / "gradmagic-run")) == [
+        "step-1-rank0.html",
+        "step-1-rank1.html",
+        "step-2-rank0.html",
+        "step-2-rank1.html",
+    ]
+    for r in (0, 1):
+        _same_params(tmp_path / f"plain.pt.rank{r}", tmp_path / f"watched.pt.rank{r}")
+        page = (tmp_path / "gradmagic-run" / f"step-2-rank{r}.html").read_text()
+        names = [n.replace("model.", "model.module.", 1) for n in NAMES]
+        assert _rows(page) == [(name, "new") for name in names]
+        assert f"train_mlp.py · optimizer step 2 · rank {r}" in page
+
+
+def _venv(tmp_path: Path) -> Path:
+    """A virtual environment over this one's packages, with gradmagic's .pth installed as
+    `pip install` puts it (at the top of site-packages)."""
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+        timeout=TIMEOUT,
+    )
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    ).stdout.strip()
+    shutil.copy(ROOT / "gradmagic-autorun.pth", Path(purelib) / "gradmagic-autorun.pth")
+    return python
+
+
+@pytest.mark.slow
+def test_gradmagic_environment_variable_watches_a_plain_python_start(tmp_path):
+    python = str(_venv(tmp_path))
+    args = [str(SCRIPT), "--steps", "3", "--save"]
+    code, plain_out, plain_err = _run([python, *args, "plain.pt"], tmp_path)
+    assert (code, plain_err) == (0, "")  # the .pth does nothing without GRADMAGIC
+    assert not (tmp_path / "gradmagic-run").exists()
+    code, out, err = _run(
+        [python, *args, "watched.pt"], tmp_path, GRADMAGIC="1", GRADMAGIC_STEPS="2,3", GRADMAGIC_OUT="o"
+    )
+    assert (code, out) == (0, plain_out)
+    assert err == "gradmagic: optimizer step 2 → o/step-2.html\ngradmagic: optimizer step 3 → o/step-3.html\n"
+    _same_params(tmp_path / "plain.pt", tmp_path / "watched.pt")
+    assert _rows((tmp_path / "o" / "step-3.html").read_text()) == [(n, "new") for n in NAMES]
+    code, out, err = _run([python, *args, "x.pt"], tmp_path, GRADMAGIC="1", GRADMAGIC_STEPS="a")
+    assert (code, out) == (0, plain_out)
+    assert err == (
+        "gradmagic: GRADMAGIC_STEPS: 'a' is not a list of positive whole numbers: give steps "
+        "like 1 or 1,100. gradmagic is off for this run.\n"
+    )
