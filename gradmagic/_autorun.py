@@ -1,8 +1,9 @@
 """`GRADMAGIC=1 python train.py`: watch a script started by any launcher.
 
 Installing gradmagic puts `gradmagic-autorun.pth` into site-packages. Python runs its
-one line at every start; the line only reads `GRADMAGIC` and does nothing else unless
-it is set (and not `0`). Then it loads this file, which imports nothing heavy: it waits
+one line at every start (twice in some virtual environments: the line checks it has not
+run already); the line only reads `GRADMAGIC` and does nothing else unless it is set
+(and not `0`). Then it loads this file, which imports nothing heavy: it waits
 for the script to import torch (a finder on `sys.meta_path`, gone once torch is
 found), so that whatever the script sets before `import torch` (threads, devices)
 still counts. Once torch is in, a `StepWatcher` watches the steps in `GRADMAGIC_STEPS`
@@ -74,10 +75,14 @@ def install() -> None:
     sys.meta_path.insert(0, _finder)
 
 
+_starting = False
+
+
 def start() -> None:
-    global _watcher
-    if _watcher is not None:
+    global _watcher, _starting
+    if _watcher is not None or _starting:
         return
+    _starting = True
     try:
         from gradmagic.run import DEFAULT_OUT, StepWatcher, parse_steps, rank
 
@@ -93,6 +98,8 @@ def start() -> None:
         atexit.register(stop)
     except Exception as exc:  # noqa: BLE001 - the script runs on, unwatched
         _say(f"GRADMAGIC is set but gradmagic could not start: {type(exc).__name__}: {exc}")
+    finally:
+        _starting = False
 
 
 def stop() -> None:
