@@ -14,6 +14,7 @@ the step in progress when the process exits is written at exit.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 from typing import Any
@@ -27,10 +28,8 @@ def enabled() -> bool:
 
 
 def _say(text: str) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a closed stderr must not break the script
         print(f"gradmagic: {text}", file=sys.stderr, flush=True)
-    except Exception:  # noqa: BLE001 - a closed stderr must not break the script
-        pass
 
 
 class _AfterTorch:

@@ -21,6 +21,7 @@ block's (global) hooks there changes no dictionary torch is iterating.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import runpy
@@ -344,10 +345,8 @@ class StepWatcher:
     def _say(self, text: str) -> None:
         log = self.log if self.log is not None else sys.stderr
         prefix = f"gradmagic[rank {self.rank}]" if self.rank is not None else "gradmagic"
-        try:
+        with contextlib.suppress(Exception):  # a closed stderr must not break the script
             print(f"{prefix}: {text}", file=log, flush=True)
-        except Exception:  # noqa: BLE001 - a closed stderr must not break the script
-            pass
 
 
 def _optimizer_exists() -> bool:

@@ -120,7 +120,10 @@ def test_exit_code_and_argv_are_the_scripts(tmp_path):
     # runpy gives sys.argv[0] the path it runs: the absolute one, like `__file__`.
     assert plain[:2] == (3, f"exits.py ['a', '--b'] __main__ {script}\nTrue\n")
     assert watched[:2] == plain[:2]
-    assert watched[2] == "gradmagic: the script ran no backward and no optimizer step; nothing written\n"
+    assert (
+        watched[2]
+        == "gradmagic: the script ran no backward and no optimizer step; nothing written\n"
+    )
 
 
 def test_bad_input_is_a_sentence(tmp_path):
@@ -223,10 +226,16 @@ def test_gradmagic_environment_variable_watches_a_plain_python_start(tmp_path):
     assert (code, plain_err) == (0, "")  # the .pth does nothing without GRADMAGIC
     assert not (tmp_path / "gradmagic-run").exists()
     code, out, err = _run(
-        [python, *args, "watched.pt"], tmp_path, GRADMAGIC="1", GRADMAGIC_STEPS="2,3", GRADMAGIC_OUT="o"
+        [python, *args, "watched.pt"],
+        tmp_path,
+        GRADMAGIC="1",
+        GRADMAGIC_STEPS="2,3",
+        GRADMAGIC_OUT="o",
     )
     assert (code, out) == (0, plain_out)
-    assert err == "gradmagic: optimizer step 2 → o/step-2.html\ngradmagic: optimizer step 3 → o/step-3.html\n"
+    assert err == (
+        "gradmagic: optimizer step 2 → o/step-2.html\ngradmagic: optimizer step 3 → o/step-3.html\n"
+    )
     _same_params(tmp_path / "plain.pt", tmp_path / "watched.pt")
     assert _rows((tmp_path / "o" / "step-3.html").read_text()) == [(n, "new") for n in NAMES]
     code, out, err = _run([python, *args, "x.pt"], tmp_path, GRADMAGIC="1", GRADMAGIC_STEPS="a")

@@ -94,6 +94,10 @@ class HistoryView:
             f'<div style="font-weight: 600;">history of <code>{esc(self.name)}.grad</code></div>'
             f'<div class="gm-scroll" style="{SCROLL}"><table style="{TABLE}">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
-            + (f'<div style="color: #4b5563;">{esc(TREND_HEAD)}: {esc(legend)}</div>' if legend else "")
+            + (
+                f'<div style="color: #4b5563;">{esc(TREND_HEAD)}: {esc(legend)}</div>'
+                if legend
+                else ""
+            )
             + "</div>"
         )

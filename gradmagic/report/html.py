@@ -170,9 +170,7 @@ def trend_cell(spark: Sparkline | None, trajectory: Any) -> str:
     """A sparkline in a monospace span: what it shows and its numbers in the tooltip."""
     if spark is None:
         return f'<td class="gm-trend" style="{TD}"></td>'
-    numbers = (
-        f"{spark.count:,} backwards: first {trajectory.first:.4g}, last {trajectory.last:.4g}"
-    )
+    numbers = f"{spark.count:,} backwards: first {trajectory.first:.4g}, last {trajectory.last:.4g}"
     title = f"{numbers}. {spark.legend()}"
     return (
         f'<td class="gm-trend" style="{TD}"><span title="{esc(title)}" '
