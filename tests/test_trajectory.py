@@ -45,11 +45,12 @@ def test_text_and_html_show_the_sparkline_beside_the_row():
     header = next(line for line in text.splitlines() if line.strip().startswith("name"))
     assert header.rstrip().endswith("‖g‖ after each backward")
     row = next(line for line in text.splitlines() if line.strip().startswith("w "))
-    assert row.rstrip().endswith("█▇▆▆▅▄▃▃▂▁")
+    assert row.rstrip().endswith("█▇▆▆▅▄▃▃▂▁ log")
     assert (
         "  ‖g‖ after each backward: the norm read right after each backward that reached it; "
-        "one character per backward; log scale where a row's norms span more than a decade "
-        "(▁ its smallest, █ its largest), else linear from 0 to its largest; · zero, ! NaN/Inf"
+        "one character per backward; log scale (marked `log`) where a row's norms span more than "
+        "a decade (▁ its smallest, █ its largest), else linear from 0 to its largest; · zero, "
+        "! NaN/Inf"
     ) in text.splitlines()
     page = rep._repr_html_()
     cell = re.search(r'<td class="gm-trend"[^>]*><span title="([^"]*)"[^>]*>([^<]*)</span>', page)

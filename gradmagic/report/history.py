@@ -19,7 +19,7 @@ from .html import (
     trend_cell,
     value_cell,
 )
-from .text import TREND_HEAD, TREND_WIDTH, trend_legend
+from .text import TREND_HEAD, TREND_WIDTH, trend_legend, trend_text
 
 
 @dataclass
@@ -55,7 +55,7 @@ class HistoryView:
         if any(sparks):
             header.append(TREND_HEAD)
             for row, spark in zip(body, sparks):
-                row.append(spark.text if spark else "")
+                row.append(trend_text(spark))
         rows = [header, *body]
         widths = [min(48, max(len(r[i]) for r in rows)) for i in range(len(header))]
         lines = [f"history of {self.name}.grad"]

@@ -49,6 +49,13 @@ def _table(rows: list[list[str]], indent: str, widths: list[int]) -> list[str]:
     ]
 
 
+def trend_text(spark: Any) -> str:
+    """A sparkline in a text table: `log` after it where its scale is."""
+    if spark is None:
+        return ""
+    return spark.text + (" log" if spark.scale == "log" else "")
+
+
 def trend_legend(sparks: list[Any]) -> str:
     """What the sparklines of a table show: one sentence for all of them, each row's own
     scale where they differ."""
@@ -60,8 +67,8 @@ def trend_legend(sparks: list[Any]) -> str:
         else "each character the largest norm of the backwards it covers"
     )
     scale = (
-        "log scale where a row's norms span more than a decade (▁ its smallest, █ its "
-        "largest), else linear from 0 to its largest"
+        "log scale (marked `log`) where a row's norms span more than a decade (▁ its "
+        "smallest, █ its largest), else linear from 0 to its largest"
         if "log" in scales
         else "linear from 0 to each row's largest (█)"
     )
@@ -92,7 +99,7 @@ def report_text(report: Any, color: bool = False) -> str:
         if any(sparks):
             header = [*HEADER, TREND_HEAD]
             for row, spark in zip(body, sparks):
-                row.append(spark.text if spark else "")
+                row.append(trend_text(spark))
         widths = [
             min(VALUE_WIDTH + 12, max(len(row[i]) for row in [header, *body]))
             for i in range(len(header))
