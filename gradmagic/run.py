@@ -101,10 +101,10 @@ class _StepRecorder(Recorder):
         )
         backward = outer and watcher.is_backward(args, kwargs)  # type: ignore[union-attr]
         if backward:
-            watcher.backward_begins()  # type: ignore[union-attr]
+            watcher.safely(watcher.backward_begins)  # type: ignore[union-attr]
         result = super().handle(original, args, kwargs, frame)
         if backward:
-            watcher.backward_returned(frame)  # type: ignore[union-attr]
+            watcher.safely(watcher.backward_returned, frame)  # type: ignore[union-attr]
         return result
 
 
@@ -205,14 +205,14 @@ class StepWatcher:
             and self.is_backward(args, kwargs)
         )
         if backward:
-            self.backward_begins()
+            self.safely(self.backward_begins)
         self._depth += 1
         try:
             result = original(*args, **kwargs)
         finally:
             self._depth -= 1
         if backward:
-            self.backward_returned(frame)
+            self.safely(self.backward_returned, frame)
         return result
 
     def backward_begins(self) -> None:
@@ -228,7 +228,20 @@ class StepWatcher:
         self.done += 1
         self._step_returned(frame)
 
+    def safely(self, fn: Any, *args: Any) -> None:
+        """Run bookkeeping so that a fault in gradmagic never reaches the script."""
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - one line on stderr, the script runs on
+            self._say(f"internal error in {fn.__name__}: {type(exc).__name__}: {exc}")
+
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.safely(self._note_step, optimizer)
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.safely(self._step_done, optimizer, args, kwargs)
+
+    def _note_step(self, optimizer: Any) -> None:
         if threading.get_ident() != self._thread or torch.compiler.is_compiling():
             return
         if self.unit is None:
@@ -238,11 +251,11 @@ class StepWatcher:
             return
         known = self._optimizers.get(id(optimizer))
         if known is None or known[0]() is not optimizer:
-            # On the optimizer itself: torch runs it after every global post-hook.
+            # On the optimizer itself: torch runs it before the global post-hooks.
             handle = optimizer.register_step_post_hook(self._after_step)
             self._optimizers[id(optimizer)] = (weakref.ref(optimizer), handle)
 
-    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _step_done(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if threading.get_ident() != self._thread or self.unit != OPTIMIZER_STEP:
             return
         self.done += 1
@@ -253,7 +266,7 @@ class StepWatcher:
             probe = self._block[1].steps
             if probe is not None:
                 probe._after_step(optimizer, args, kwargs)
-        self._step_returned(sys._getframe(1))
+        self._step_returned(sys._getframe(2))
 
     def _step_returned(self, frame: Any) -> None:
         if self._block is not None and self._block[2] == self.done:

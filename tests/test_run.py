@@ -126,6 +126,32 @@ def test_exit_code_and_argv_are_the_scripts(tmp_path):
     )
 
 
+def test_without_an_optimizer_a_step_is_a_backward(tmp_path):
+    (tmp_path / "manual.py").write_text(
+        "import torch\n"
+        "w = torch.tensor([1.0, 2.0], requires_grad=True)\n"
+        "for k in range(3):\n"
+        "    ((k + 1) * w).sum().backward()  # the gradient is k + 1 everywhere\n"
+        "    with torch.no_grad():\n"
+        "        w -= 0.5 * w.grad\n"
+        "    w.grad = None\n"
+        "print(w.tolist())\n"
+    )
+    plain = _run([sys.executable, "manual.py"], tmp_path)
+    code, out, err = _run(
+        [sys.executable, "-m", "gradmagic", "run", "--steps", "2", "manual.py"], tmp_path
+    )
+    assert (code, out) == (0, plain[1]) and out == "[-2.0, -1.0]\n"
+    assert err == "gradmagic: backward 2 → gradmagic-run/step-2.html\n"
+    page = (tmp_path / "gradmagic-run" / "step-2.html").read_text()
+    assert _rows(page) == [("w", "new")]
+    assert (
+        '<td class="gm-after" style="text-align:left;padding:2px 8px;white-space:nowrap;'
+        'vertical-align:top">[2., 2.]</td>' in page
+    )
+    assert "gradmagic · manual.py · backward 2 · 1 engine call (backward) · 1 leaf" in page
+
+
 def test_bad_input_is_a_sentence(tmp_path):
     code, _, err = _run([sys.executable, "-m", "gradmagic", "run", "nope.py"], tmp_path)
     assert code == 2
