@@ -132,3 +132,20 @@ def test_names_in_the_tooltip_are_escaped_and_the_trajectory_holds_no_tensor():
     traj = rep["w"].trajectory
     assert all(isinstance(v, float) for v in traj.norms())
     assert not any(isinstance(getattr(traj, s, None), torch.Tensor) for s in Trajectory.__slots__)
+
+
+def test_grad_history_magic_shows_a_sparkline_per_cell_run(ip):
+    ip.run("w = torch.tensor([3.0], requires_grad=True)\nopt = torch.optim.SGD([w], lr=0.5)")
+    cell = (
+        "%%grad -q\n"
+        "for _ in range(4):\n"
+        "    opt.zero_grad()\n"
+        "    ((w ** 2).sum() / 2).backward()\n"
+        "    opt.step()\n"
+    )
+    ip.run(cell)
+    ip.run(cell)  # w went on halving: 3/16, 3/32, ...
+    text = repr(ip.run("%grad history w"))
+    rows = text.splitlines()[2:4]
+    assert [r.split()[0] for r in rows] == ["1", "2"]
+    assert all(r.rstrip().endswith("█▄▂▁") for r in rows)  # each run: 8× down, linear
