@@ -270,3 +270,43 @@ def test_gradmagic_environment_variable_watches_a_plain_python_start(tmp_path):
         "gradmagic: GRADMAGIC_STEPS: 'a' is not a list of positive whole numbers: give steps "
         "like 1 or 1,100. gradmagic is off for this run.\n"
     )
+
+
+def test_the_watcher_restores_everything_when_the_script_raises(tmp_path):
+    from torch.optim import optimizer as optim_hooks
+
+    from gradmagic import _engine
+    from gradmagic.capture.recorder import ACTIVE
+    from gradmagic.run import StepWatcher
+
+    hooks = (
+        len(optim_hooks._global_optimizer_pre_hooks),
+        len(optim_hooks._global_optimizer_post_hooks),
+    )
+    log = tmp_path / "log.txt"
+    w = torch.tensor([1.0], requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.5)
+    with open(log, "w") as stream:
+        watcher = StepWatcher([2, 3], tmp_path / "out", script="t.py", log=stream).start()
+        with pytest.raises(ZeroDivisionError):
+            for k in range(5):
+                opt.zero_grad()
+                ((k + 1) * w).sum().backward()
+                if k == 2:
+                    raise ZeroDivisionError("in step 3")
+                opt.step()
+        assert _engine.is_patched()  # the block of step 3 is open
+        watcher.stop()
+    assert not _engine.is_patched() and ACTIVE == []
+    assert (
+        len(optim_hooks._global_optimizer_pre_hooks),
+        len(optim_hooks._global_optimizer_post_hooks),
+    ) == hooks
+    assert len(opt._optimizer_step_post_hooks) == 0
+    assert log.read_text() == (
+        f"gradmagic: optimizer step 2 → {tmp_path}/out/step-2.html\n"
+        f"gradmagic: optimizer step 3 (the script ended during it) → {tmp_path}/out/step-3.html\n"
+    )
+    page = (tmp_path / "out" / "step-3.html").read_text()
+    assert _rows(page) == [("w", "new")]  # named from the test's frame, as it was left
+    assert ">[3.]</td>" in page
