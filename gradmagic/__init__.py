@@ -14,6 +14,7 @@ report. Importing gradmagic does not import IPython.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from .capture import Recorder, watch
@@ -46,3 +47,8 @@ def unload_ipython_extension(ipython: Any) -> None:
 
     _loaded.pop(id(ipython), None)
     unload(ipython)
+
+
+# GRADMAGIC=1 (see _autorun.py): a watcher put off while this package imported torch.
+if "gradmagic._autorun" in sys.modules:
+    sys.modules["gradmagic._autorun"].start_if_pending()

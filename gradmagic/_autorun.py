@@ -21,6 +21,7 @@ from typing import Any
 
 _watcher: Any = None
 _finder: Any = None
+_pending = False
 
 
 def enabled() -> bool:
@@ -49,10 +50,27 @@ class _AfterTorch:
 
         def exec_module(module: Any) -> None:
             original(module)
-            start()
+            if _initializing("gradmagic"):
+                global _pending  # gradmagic imports torch: start once it is whole
+                _pending = True
+            else:
+                start()
 
         loader.exec_module = exec_module
         return spec
+
+
+def _initializing(name: str) -> bool:
+    module = sys.modules.get(name)
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def start_if_pending() -> None:
+    """Called at the end of `gradmagic/__init__.py`: the start torch's import put off."""
+    global _pending
+    if _pending:
+        _pending = False
+        start()
 
 
 def _remove_finder() -> None:

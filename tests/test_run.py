@@ -310,3 +310,25 @@ def test_the_watcher_restores_everything_when_the_script_raises(tmp_path):
     page = (tmp_path / "out" / "step-3.html").read_text()
     assert _rows(page) == [("w", "new")]  # named from the test's frame, as it was left
     assert ">[3.]</td>" in page
+
+
+@pytest.mark.slow
+def test_gradmagic_environment_variable_when_gradmagic_imports_torch_first(tmp_path):
+    python = str(_venv(tmp_path))
+    code, out, err = _run(
+        [
+            python,
+            "-c",
+            "import gradmagic, torch; (3 * torch.ones(2, requires_grad=True)).sum().backward()",
+        ],
+        tmp_path,
+        GRADMAGIC="1",
+    )
+    assert (code, out, err) == (0, "", "gradmagic: backward 1 → gradmagic-run/step-1.html\n")
+    code, _, err = _run(
+        [python, "-m", "gradmagic", "run", "--steps", "2", "--out", "r", str(SCRIPT)],
+        tmp_path,
+        GRADMAGIC="1",
+    )
+    assert (code, err) == (0, "gradmagic: optimizer step 2 → r/step-2.html\n")
+    assert sorted(os.listdir(tmp_path / "r")) == ["step-2.html"]
