@@ -20,7 +20,15 @@ import pytest
 pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("pyproject.toml", "README.md", "gradmagic", "demo_notebooks")
+SOURCES = (
+    "pyproject.toml",
+    "setup.py",
+    "MANIFEST.in",
+    "gradmagic-autorun.pth",
+    "README.md",
+    "gradmagic",
+    "demo_notebooks",
+)
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
 
 CELL_SCRIPT = r"""
@@ -108,6 +116,21 @@ def test_the_wheel_holds_the_package_and_the_demo_notebooks(installed):
     }
     assert notebooks and notebooks <= names
     assert not any(n.startswith(("tests/", "benchmarks/", "docs/")) for n in names)
+    assert "gradmagic-autorun.pth" in names  # at the top: installed into site-packages
+
+
+def test_gradmagic_env_watches_a_script_with_the_installed_wheel(installed):
+    python, work = installed
+    script = "import torch\nw = torch.ones(2, requires_grad=True)\n(3 * w).sum().backward()\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "GRADMAGIC")}
+    assert _run([str(python), "-c", script], cwd=work, env=env).stderr == ""
+    out = work.parent / "autorun"
+    env.update(GRADMAGIC="1", GRADMAGIC_OUT=str(out))
+    result = _run([str(python), "-c", script], cwd=work, env=env)
+    assert result.stderr == f"gradmagic: backward 1 → {out}/step-1.html\n"
+    assert "gradmagic · -c · backward 1 · 1 engine call (backward) · 1 leaf" in (
+        (out / "step-1.html").read_text()
+    )
 
 
 def test_load_ext_works_from_the_installed_wheel_beside_a_clone(installed):
