@@ -55,6 +55,7 @@ def test_text_and_html_show_the_sparkline_beside_the_row():
     page = rep._repr_html_()
     cell = re.search(r'<td class="gm-trend"[^>]*><span title="([^"]*)"[^>]*>([^<]*)</span>', page)
     assert cell.group(2) == "█▇▆▆▅▄▃▃▂▁"
+    assert '▂▁</span> <span style="color: #4b5563;">log</span></td>' in page
     assert cell.group(1) == (
         "10 backwards: first 3, last 0.005859. ‖g‖ right after each backward, one character "
         "per backward; log scale: ▁ = 0.005859, █ = 3; · zero, ! NaN/Inf"

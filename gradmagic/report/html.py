@@ -174,7 +174,9 @@ def trend_cell(spark: Sparkline | None, trajectory: Any) -> str:
     title = f"{numbers}. {spark.legend()}"
     return (
         f'<td class="gm-trend" style="{TD}"><span title="{esc(title)}" '
-        f'style="{MONO} letter-spacing: 0;">{esc(spark.text)}</span></td>'
+        f'style="{MONO} letter-spacing: 0;">{esc(spark.text)}</span>'
+        + (f' <span style="color: {MUTED};">log</span>' if spark.scale == "log" else "")
+        + "</td>"
     )
 
 
