@@ -303,7 +303,7 @@ def test_the_watcher_restores_everything_when_the_script_raises(tmp_path):
     w = torch.tensor([1.0], requires_grad=True)
     opt = torch.optim.SGD([w], lr=0.5)
     with open(log, "w") as stream:
-        watcher = StepWatcher([2, 3], tmp_path / "out", script="t.py", log=stream).start()
+        watcher = StepWatcher([2, 3], tmp_path / "out", script="<b>&.py", log=stream).start()
         with pytest.raises(ZeroDivisionError):
             for k in range(5):
                 opt.zero_grad()
@@ -326,6 +326,8 @@ def test_the_watcher_restores_everything_when_the_script_raises(tmp_path):
     page = (tmp_path / "out" / "step-3.html").read_text()
     assert _rows(page) == [("w", "new")]  # named from the test's frame, as it was left
     assert re.search(r'<td class="gm-after"[^>]*>\[3\.\]</td>', page)
+    assert "<b>" not in page  # the script's name is escaped, in the title and the headline
+    assert page.count("&lt;b&gt;&amp;.py · optimizer step 3") == 2
 
 
 @pytest.mark.slow
