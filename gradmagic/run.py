@@ -64,6 +64,11 @@ def rank() -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+def _world_size() -> int:
+    value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() else 1
+
+
 def _user_frame(frame: Any) -> Any:
     """The innermost frame of the user's code (not torch's, gradmagic's or runpy's)."""
     skip = (
@@ -323,22 +328,23 @@ class StepWatcher:
         return f"{self.unit or OPTIMIZER_STEP} {step}"
 
     def _write(self, recorder: Recorder, step: int, finished: bool) -> None:
-        name = f"step-{step}" + (f"-rank{self.rank}" if self.rank is not None else "") + ".html"
-        path = self.out / name
+        path = self.out / f"step-{step}.html"
         label = " · ".join(
             part
             for part in (
                 self.script,
                 self._what(step) + ("" if finished else " (the script ended before it returned)"),
-                f"rank {self.rank}" if self.rank is not None else "",
             )
             if part
         )
         try:
             report = recorder.report()
             report.label = label
+            if report.rank is None and self.rank is not None and _world_size() > 1:
+                # A rank without a process group yet: its name, as `save` gives the others.
+                path = self.out / f"step-{step}.rank{self.rank}.html"
             self.out.mkdir(parents=True, exist_ok=True)
-            report.save(path)
+            path = Path(report.save(path))  # `step-1.rank1.html` on rank 1 of several
         except Exception as exc:  # noqa: BLE001 - never into the script
             self._say(f"could not write the report of {self._what(step)}: {exc}")
             return

@@ -222,21 +222,20 @@ def test_torchrun_ddp_each_rank_writes_its_own_reports(tmp_path):
     )
     for r, err in enumerate(each_rank("logs", "stderr.log")):
         assert [line for line in err.splitlines() if line.startswith("gradmagic")] == [
-            f"gradmagic[rank {r}]: optimizer step {s} → gradmagic-run/step-{s}-rank{r}.html"
+            f"gradmagic[rank {r}]: optimizer step {s} → gradmagic-run/step-{s}.rank{r}.html"
             for s in (1, 2)
         ]
     assert sorted(os.listdir(tmp_path / "gradmagic-run")) == [
-        "step-1-rank0.html",
-        "step-1-rank1.html",
-        "step-2-rank0.html",
-        "step-2-rank1.html",
+        "step-1.rank0.html",
+        "step-1.rank1.html",
+        "step-2.rank0.html",
+        "step-2.rank1.html",
     ]
     for r in (0, 1):
         _same_params(tmp_path / f"plain.pt.rank{r}", tmp_path / f"watched.pt.rank{r}")
-        page = (tmp_path / "gradmagic-run" / f"step-2-rank{r}.html").read_text()
-        names = [n.replace("model.", "model.module.", 1) for n in NAMES]
-        assert _rows(page) == [(name, "new") for name in names]
-        assert f"train_mlp.py · optimizer step 2 · rank {r}" in page
+        page = (tmp_path / "gradmagic-run" / f"step-2.rank{r}.html").read_text()
+        assert _rows(page) == [(name, "new") for name in NAMES]  # as the model names them
+        assert f"gradmagic · rank {r}/2 · train_mlp.py · optimizer step 2 · " in page
 
 
 def _venv(tmp_path: Path) -> Path:
