@@ -9,12 +9,7 @@ or what the communication hook makes of them), and what the report shows.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,47 +19,18 @@ from torch import nn
 import gradmagic
 from gradmagic import _engine
 from gradmagic.capture.names import unwrapped_name
+from tests import launch
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "distributed" / "train.py"
 PARAMS = ["scale", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]  # the model's order
 ROWS = [f"model.{p}" for p in PARAMS]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(out: Path, *scenarios: str, timeout: float = 180) -> list[dict]:
     """Run the scenarios on 2 ranks; a run that does not finish in time fails the test."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(SCRIPT),
-        str(out),
-        *scenarios,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"torchrun did not finish within {timeout} s: {scenarios}")
-    text = output.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    command = launch.torchrun(str(SCRIPT), str(out), *scenarios)
+    code, output, _ = launch.bounded(command, timeout=timeout, merge_stderr=True)
+    assert code == 0, output[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -416,7 +382,7 @@ def gloo():
     import torch.distributed as dist
 
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        "gloo", init_method=f"tcp://127.0.0.1:{launch.free_port()}", rank=0, world_size=1
     )
     yield dist
     dist.destroy_process_group()

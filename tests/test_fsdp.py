@@ -4,51 +4,22 @@ started by `torch.distributed.run`."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import launch
+
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 TIMEOUT = 180  # seconds: a hung collective fails the test instead of hanging it
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path: Path, ranks: int) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={ranks}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
-        str(WORKER),
-        str(tmp_path),
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"torchrun with {ranks} ranks did not finish within {TIMEOUT} s")
-    text = output.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    command = launch.torchrun(str(WORKER), str(tmp_path), nproc=ranks)
+    code, output, _ = launch.bounded(command, timeout=TIMEOUT, merge_stderr=True)
+    assert code == 0, output[-4000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 

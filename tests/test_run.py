@@ -6,14 +6,14 @@ import html
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_mlp.py"
@@ -23,24 +23,7 @@ NAMES = ["model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"]
 
 def _run(cmd: list[str], cwd: Path, **env: str) -> tuple[int, str, str]:
     """Run `cmd`, failing the test (and killing its process group) past TIMEOUT."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("GRADMAGIC")}
-    environ.update(PYTHONPATH=str(ROOT), **env)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=environ,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT} s")
-    return proc.returncode, out, err
+    return launch.bounded(cmd, cwd=cwd, env=launch.child_env(**env), timeout=TIMEOUT)
 
 
 def _rows(page: str) -> list[tuple[str, str]]:
@@ -177,28 +160,10 @@ def test_bad_input_is_a_sentence(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "gradmagic-run").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        *args,
-    ]
+    return launch.torchrun(*args)
 
 
-@pytest.mark.slow
 def test_torchrun_ddp_each_rank_writes_its_own_reports(tmp_path):
     args = [str(SCRIPT), "--steps", "2", "--save"]
 
