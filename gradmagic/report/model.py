@@ -10,6 +10,7 @@ import torch
 
 from .. import _engine, stats
 from ..findings import Finding, findings_for
+from ..graph.steps import BackwardSteps, backward_steps
 from ..records import BlockRecord, Change, LeafRecord, OptimizerSteps, rows
 from ..trajectory import Trajectory
 from .plot import GradientFlow, gradient_flow
@@ -159,6 +160,41 @@ def complete_changes(block: BlockRecord) -> None:
                     p.change = after - before
 
 
+# Graphs shown step by step: a few dozen ops read as a list; more do not.
+STEPS_OPS = 60
+
+
+def _backward_steps(block: BlockRecord, graphs: list[GradGraph]) -> tuple[list, list[str]]:
+    """The step-by-step view of each distinct graph small enough, and why others lack one."""
+    names = {r.key: r.name for r in block.leaves}
+    fresh = {
+        r.key: r.backwards == 1 and stats.is_empty(r.before) and not r.stale_start
+        for r in block.leaves
+    }
+    out, notes = [], []
+    for g in graphs:
+        snap = g.snapshot
+        n_ops = getattr(snap, "n_ops", 0)
+        if n_ops > STEPS_OPS:
+            notes.append(
+                f"The backward of {n_ops} ops is not shown step by step (at most {STEPS_OPS} ops)."
+            )
+            continue
+        walked = backward_steps(
+            snap,
+            lambda key: names.get(key, f"leaf #{key}"),
+            lambda key: fresh.get(key, False),
+        )
+        if walked is None:
+            notes.append(
+                f"The backward of {n_ops} ops is not shown step by step: its gradients were "
+                "too large to record what flowed."
+            )
+        else:
+            out.append(walked)
+    return out, notes
+
+
 @dataclass
 class GradReport:
     """What one `%%grad` cell (or `watch()` block) did to the gradients.
@@ -186,6 +222,10 @@ class GradReport:
     # What the headline calls the block: "cell run 2" by default; the script runner's
     # "train.py · optimizer step 100".
     label: str | None = None
+    # `steps=True`: the backward step by step, one per distinct graph (None: not recorded,
+    # `steps_notes` says why).
+    backward_steps: list[BackwardSteps] = field(default_factory=list)
+    steps_notes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_block(cls, block: BlockRecord) -> GradReport:
@@ -209,7 +249,10 @@ class GradReport:
                 )
                 for record, repeat in distinct_graphs(block)
             ]
+        walked, walk_notes = _backward_steps(block, graphs) if block.options.steps else ([], [])
         return cls(
+            backward_steps=walked,
+            steps_notes=walk_notes,
             rows=[LeafRow.of(r) for r in rows(block)],
             backwards=list(block.backwards),
             findings=findings,
