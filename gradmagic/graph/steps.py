@@ -314,10 +314,8 @@ def _chains(
         head = f"{name}.grad {sign} {flow_text(value)}"
         if nid not in roots or into.get(nid):
             count = len(into.get(node.id, []))
-            paths = "paths" if count != 1 else "path"
-            chains.append(
-                ChainRule(name, f"{head}: the sum of what reached it along more than one {paths}")
-            )
+            how = f"{count} edges into it" if count > 1 else "more than one path"
+            chains.append(ChainRule(name, f"{head}: the sum of what reached it along {how}"))
             continue
         seed = received(nid)
         parts = [("seed", flow_text(seed) if seed is not None else "?")]
