@@ -332,6 +332,74 @@ def test_check_changes_nothing_the_engine_computes(ip):
     assert torch.equal(ip.ns["after"], plain[1])
 
 
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 3 * x**2
+
+
+def test_check_is_unseen_by_the_users_saved_tensor_hooks_and_dispatch_modes():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def run(watching):
+        calls = []
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        mode = Ops()
+        hooks = torch.autograd.graph.saved_tensors_hooks(
+            lambda t: calls.append("pack") or t, lambda t: calls.append("unpack") or t
+        )
+        with hooks, mode:
+            if watching:
+                with gradmagic.watch({}, steps=True, check=True) as rec:
+                    _Cube.apply(x * 2).sum().backward()
+            else:
+                _Cube.apply(x * 2).sum().backward()
+        if watching:
+            [check] = rec.report().block.custom_checks
+            assert check.status == "ok"
+        return calls, mode.seen, x.grad
+
+    plain, watched = run(False), run(True)
+    assert plain[0] == watched[0] == ["pack", "unpack"]
+    assert plain[1] == watched[1]
+    assert torch.equal(plain[2], watched[2]) and plain[2].tolist() == [24.0, 96.0]
+
+
+def test_a_forward_that_draws_random_numbers_is_not_judged(ip):
+    ip.run(
+        "class Noisy(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, x):\n"
+        "        return x + torch.rand_like(x)\n"
+        "    @staticmethod\n"
+        "    def backward(ctx, g):\n"
+        "        return g\n"
+        "x = torch.tensor([1., 2.], requires_grad=True)"
+    )
+    ip.run("%%grad --check -o rep\nNoisy.apply(x).sum().backward()")
+    [message] = [f.message for f in ip.ns["rep"].findings if f.kind.startswith("custom")]
+    assert message == (
+        "`Noisy` was not checked with `gradcheck`: its forward gave different outputs on the "
+        "same inputs (does it draw random numbers?), so finite differences cannot judge its "
+        "backward."
+    )
+
+
 def test_a_forward_that_refuses_float64_is_a_sentence_not_a_traceback(ip):
     ip.run(FUNCTIONS)
     ip.run("x = torch.tensor([1., 2.], requires_grad=True)")

@@ -176,6 +176,18 @@ def _check_one(call: CustomFunctionCall) -> CustomCheck:
         check.status = "not checked"
         check.reason = "its forward returned no floating-point tensor on float64 inputs"
         return check
+    try:
+        again = _outputs(fn(*inputs))
+        same = len(again) == len(outs) and all(torch.equal(a, b) for a, b in zip(outs, again))
+    except Exception:  # noqa: BLE001 - a forward that raises the second time differs too
+        same = False
+    if not same:
+        check.status = "not checked"
+        check.reason = (
+            "its forward gave different outputs on the same inputs (does it draw random "
+            "numbers?), so finite differences cannot judge its backward"
+        )
+        return check
     small = numel <= FULL_ELEMENTS and sum(o.numel() for o in outs) <= FULL_ELEMENTS
     check.fast = not small
     try:
@@ -235,6 +247,7 @@ def check_functions(calls: list[CustomFunctionCall]) -> list[CustomCheck]:
     try:
         with (
             _engine.quiet(),
+            _engine.without_saved_tensor_hooks(),
             torch.random.fork_rng(devices=devices),
             torch.enable_grad(),
             warnings.catch_warnings(),
