@@ -306,6 +306,19 @@ def input_sizes(node: Any) -> list[Any]:
         return []
 
 
+def input_devices(node: Any) -> list[str]:
+    """Devices of the gradients a node receives, from its metadata ([] where unknown)."""
+    try:
+        return [str(meta.device) for meta in node._input_metadata]
+    except Exception:  # noqa: BLE001 - nested tensors and older torch
+        return []
+
+
+def custom_function_class(node: Any) -> type | None:
+    """The `autograd.Function` subclass behind a custom Function's backward node."""
+    return getattr(type(node), "_forward_cls", None)
+
+
 def next_functions(node: Any) -> tuple:
     try:
         return node.next_functions

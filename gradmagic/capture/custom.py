@@ -47,7 +47,7 @@ def custom_functions(
     runs: metadata only, no saved tensor)."""
     found = []
     for node in live.values():
-        cls = getattr(type(node), "_forward_cls", None)
+        cls = _engine.custom_function_class(node)
         if cls is None:
             continue
         inputs: list[tuple[tuple[int, ...], str] | None] = []
@@ -57,9 +57,9 @@ def custom_functions(
                 inputs.append(None)
                 keys.append(None)
                 continue
+            sizes, devices = _engine.input_sizes(child), _engine.input_devices(child)
             try:
-                meta = child._input_metadata[port]
-                inputs.append((tuple(int(d) for d in meta.shape), str(meta.device)))
+                inputs.append((tuple(int(d) for d in sizes[port]), devices[port]))
             except Exception:  # noqa: BLE001 - nested or symbolic: not reproducible
                 inputs.append(None)
             key = None
