@@ -533,3 +533,16 @@ def test_steps_and_check_in_a_real_kernel(tmp_path):
     assert "Square's backward disagrees with finite differences for input 0 (b)" in text
     assert f"the backward gives {x0:.6g}, finite differences give {2 * x0:.6g}" in text
     assert "<script" not in page and "<style" not in page
+
+
+def test_a_loop_shows_its_graph_once_with_the_first_runs_numbers():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gradmagic.watch(steps=True) as rec:
+        for k in range(3):
+            (x * float(k + 1)).sum().backward()
+    rep = rec.report()
+    walked = _steps(rep)
+    assert walked.repeat == 3
+    assert [c.text for c in walked.chains] == ["x.grad += [1., 1.] = 1. · 1 · 1."]
+    assert "step by step (it ran 3×: the numbers of its first run)" in repr(rep)
+    assert x.grad.tolist() == [6.0, 6.0]

@@ -60,6 +60,7 @@ class BackwardSteps:
 
     steps: list[BackwardStep]
     chains: list[ChainRule]
+    repeat: int = 1  # backwards that ran this graph in the block: the numbers are the first's
 
 
 def _number(x: float) -> str:

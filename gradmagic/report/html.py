@@ -302,6 +302,8 @@ def _backward_steps(report: Any) -> str:
         title = "The backward, step by step"
         if len(report.backward_steps) > 1:
             title += f" (graph {k + 1})"
+        if walked.repeat > 1:
+            title += f" (it ran {walked.repeat}×: the numbers of its first run)"
         parts.append(
             f'<div style="font-weight:600;margin:8px 0 2px 0">{esc(title)}'
             f'<span style="font-weight:400;color:{MUTED}"> · in the order the engine ran '

@@ -191,6 +191,7 @@ def _backward_steps(block: BlockRecord, graphs: list[GradGraph]) -> tuple[list, 
                 "too large to record what flowed."
             )
         else:
+            walked.repeat = g.repeat
             out.append(walked)
     return out, notes
 

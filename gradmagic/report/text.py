@@ -162,6 +162,8 @@ def steps_lines(report: Any) -> list[str]:
         title = "the backward, step by step"
         if len(report.backward_steps) > 1:
             title += f" (graph {k + 1})"
+        if walked.repeat > 1:
+            title += f" (it ran {walked.repeat}×: the numbers of its first run)"
         lines.append(f"  {title}: the order the engine ran the ops")
         for step in walked.steps:
             derivative = f"  local derivative: {step.derivative}" if step.derivative else ""
