@@ -546,3 +546,36 @@ def test_a_loop_shows_its_graph_once_with_the_first_runs_numbers():
     assert [c.text for c in walked.chains] == ["x.grad += [1., 1.] = 1. · 1 · 1."]
     assert "step by step (it ran 3×: the numbers of its first run)" in repr(rep)
     assert x.grad.tolist() == [6.0, 6.0]
+
+
+def test_a_larger_function_is_checked_in_fast_mode_and_a_huge_one_is_not():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x**2
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * x  # wrong: 2x
+
+    a = torch.rand(10, 10, requires_grad=True)
+    huge = torch.rand(5000, requires_grad=True)
+    with gradmagic.watch(check=True) as rec:
+        Square.apply(a).sum().backward()
+        Square.apply(huge).sum().backward()
+    rep = rec.report()
+    fast, skipped = rep.block.custom_checks
+    assert (fast.status, fast.fast, fast.input) == ("mismatch", True, 0)
+    # Along any direction v the right backward gives twice what this one does: 2x·v vs x·v.
+    assert fast.numerical == pytest.approx(2 * fast.analytical, rel=1e-6)
+    messages = [f.message for f in rep.findings if f.kind.startswith("custom")]
+    assert messages[0].startswith(
+        "`Square`'s backward disagrees with finite differences for input 0 (`a`): along a "
+        "random direction the backward gives "
+    )
+    assert messages[1] == (
+        "`Square` was not checked with `gradcheck`: its inputs hold 5,000 elements; finite "
+        "differences over more than 4,096 are too slow to run as a cell ends."
+    )

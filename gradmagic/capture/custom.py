@@ -11,6 +11,7 @@ that did not require grad (its shape is not in the graph), is said not checked, 
 from __future__ import annotations
 
 import inspect
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -24,8 +25,12 @@ from .. import _engine
 from ..records import CustomCheck
 
 # Inputs and outputs up to this many elements get a full Jacobian, element by element, to
-# say where the backward disagrees; larger ones are checked with gradcheck's fast mode.
-FULL_ELEMENTS = 256
+# say where the backward disagrees; larger ones are checked with gradcheck's fast mode (one
+# random direction). Past MOST_ELEMENTS a failing check would cost minutes (gradcheck then
+# rebuilds the full Jacobians to show them): such Functions are not checked.
+FULL_ELEMENTS = 64
+MOST_ELEMENTS = 4096
+_FAST = re.compile(r"with respect to input (\d+),\s*numerical:\s*(\S+)\s*analytical:\s*(\S+)")
 LOW, HIGH = 0.2, 1.0  # inputs drawn uniformly in [LOW, HIGH): away from 0, where abs and relu bend
 SEED = 0
 
@@ -162,6 +167,13 @@ def _check_one(call: CustomFunctionCall) -> CustomCheck:
         x = torch.rand(shape, dtype=torch.float64, generator=generator) * (HIGH - LOW) + LOW
         inputs.append(x.to(device).requires_grad_())
     numel = sum(x.numel() for x in inputs)
+    if numel > MOST_ELEMENTS:
+        check.status = "not checked"
+        check.reason = (
+            f"its inputs hold {numel:,} elements; finite differences over more than "
+            f"{MOST_ELEMENTS:,} are too slow to run as a cell ends"
+        )
+        return check
 
     def fn(*xs: torch.Tensor) -> Any:
         return call.cls.apply(*xs)
@@ -171,6 +183,13 @@ def _check_one(call: CustomFunctionCall) -> CustomCheck:
     except Exception as exc:  # noqa: BLE001 - the user's forward: said, not raised
         check.status = "not checked"
         check.reason = f"its forward raised on float64 inputs: {_first_line(exc)}"
+        return check
+    if sum(o.numel() for o in outs) > MOST_ELEMENTS:
+        check.status = "not checked"
+        check.reason = (
+            f"its outputs hold more than {MOST_ELEMENTS:,} elements; finite differences over "
+            "them are too slow to run as a cell ends"
+        )
         return check
     if not outs:
         check.status = "not checked"
@@ -197,6 +216,14 @@ def _check_one(call: CustomFunctionCall) -> CustomCheck:
     except GradcheckError as exc:
         check.status = "mismatch"
         check.detail = _first_line(exc).removeprefix("GradcheckError: ").rstrip(",")
+        found = _FAST.search(str(exc)) if not small else None
+        if found:
+            try:
+                check.numerical, check.analytical = float(found[2]), float(found[3])
+                check.input = int(found[1])
+                check.gap = abs(check.numerical - check.analytical)
+            except ValueError:
+                check.input = None
     except Exception as exc:  # noqa: BLE001 - the user's backward raised
         check.status = "mismatch"
         check.detail = f"its backward raised {_first_line(exc)}"

@@ -43,6 +43,16 @@ def custom_functions(block: BlockRecord) -> Iterator[Finding]:
                 "info",
                 f"{fn} was not checked with `gradcheck`: {check.reason}.",
             )
+        elif check.input is not None and check.fast:
+            yield Finding(
+                "custom-function-gradient",
+                "error",
+                f"{fn}'s backward disagrees with finite differences for "
+                f"{_input(block, check, check.input)}: along a random direction the backward "
+                f"gives {_number(check.analytical)}, finite differences give "
+                f"{_number(check.numerical)}, a difference of {_number(check.gap)} "
+                f"(`gradcheck`'s fast mode on {INPUTS}, of shapes {_shapes(check)}).",
+            )
         elif check.input is not None:
             where = f"element {list(check.element)}" if check.element else "its only element"
             yield Finding(
