@@ -76,7 +76,9 @@ def custom_functions(
 
 
 def _name(cls: type) -> str:
-    return getattr(cls, "__qualname__", None) or getattr(cls, "__name__", "Function")
+    """`Outer.Square` as written; a class defined in a function is called by its own name."""
+    name = getattr(cls, "__qualname__", None) or getattr(cls, "__name__", "Function")
+    return name.rpartition("<locals>.")[2]
 
 
 def _tensor_arguments(cls: type) -> int | None:
