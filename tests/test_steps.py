@@ -579,3 +579,16 @@ def test_a_larger_function_is_checked_in_fast_mode_and_a_huge_one_is_not():
         "`Square` was not checked with `gradcheck`: its inputs hold 5,000 elements; finite "
         "differences over more than 4,096 are too slow to run as a cell ends."
     )
+
+
+def test_steps_of_an_autograd_grad_call_write_no_grad_attribute():
+    a = torch.tensor([2.0, 3.0], requires_grad=True)
+    with gradmagic.watch(steps=True) as rec:
+        (g,) = torch.autograd.grad((a**2).sum(), a)
+    walked = _steps(rec.report())
+    assert [s.op for s in walked.steps] == ["SumBackward0", "PowBackward0"]
+    [sent] = walked.steps[1].sent
+    assert (sent.to, sent.value, sent.missing) == ("`a`", "", "returned by `torch.autograd.grad`")
+    assert walked.chains == []  # nothing was written to `a.grad`
+    assert "→ `a`: (returned by `torch.autograd.grad`)" in repr(rec.report())
+    assert a.grad is None and g.tolist() == [4.0, 6.0]

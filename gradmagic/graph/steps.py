@@ -31,6 +31,7 @@ class Sent:
     local: str  # the local derivative along this edge, in numbers ("" unknown)
     read: bool = False  # `local` was read from the numbers (sent ÷ received)
     shared: int = 1  # edges whose gradients the input received summed
+    missing: str = ""  # why `value` is empty
 
 
 @dataclass
@@ -210,11 +211,14 @@ def backward_steps(
     snap: GraphSnapshot,
     leaf_name: Callable[[int | None], str],
     fresh: Callable[[int | None], bool] = lambda key: True,
+    kind: str = "backward",
 ) -> BackwardSteps | None:
     """The steps of a snapshot whose flow was recorded (None where it was not).
 
     `leaf_name` names a leaf by its key; `fresh` says whether the leaf's `.grad` was
     empty before this backward (its chain rule reads `a.grad = ...`, else `a.grad += ...`).
+    `kind` is the engine call's: a `torch.autograd.grad` call (`"grad"`) runs no
+    AccumulateGrad, and what reaches its inputs is returned, not recorded here.
     """
     if not snap.flow_order or snap.folded:
         return None
@@ -266,6 +270,14 @@ def backward_steps(
             exact = _exact_factor(node.op, saved, e.slot)
             local, read = (exact, False) if exact is not None else (_ratio(got, value), True)
             factors[(nid, e.slot)] = (local, read and bool(local))
+            missing = ""
+            if value is None:
+                if shared > 1:
+                    missing = f"summed there with {shared - 1} more"
+                elif kind == "grad" and snap.nodes[e.src].kind == "leaf":
+                    missing = "returned by `torch.autograd.grad`"
+                else:
+                    missing = "not recorded"
             sent.append(
                 Sent(
                     label(e.src),
@@ -273,6 +285,7 @@ def backward_steps(
                     local,
                     read and bool(local),
                     shared,
+                    missing,
                 )
             )
         if len(set(words.values())) > 1:

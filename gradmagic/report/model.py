@@ -184,6 +184,7 @@ def _backward_steps(block: BlockRecord, graphs: list[GradGraph]) -> tuple[list, 
             snap,
             lambda key: names.get(key, f"leaf #{key}"),
             lambda key: fresh.get(key, False),
+            g.kind,
         )
         if walked is None:
             notes.append(

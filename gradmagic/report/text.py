@@ -150,7 +150,7 @@ def report_text(report: Any, color: bool = False) -> str:
 
 def sent_text(sent: Any) -> str:
     """`→ PowBackward0: [36., 81.] (local [12., 27.], read)`."""
-    value = sent.value or f"(summed there with {sent.shared - 1} more)"
+    value = sent.value or f"({sent.missing})"
     local = f"local {sent.local}{' = sent ÷ received' if sent.read else ''}" if sent.local else ""
     return f"→ {sent.to}: {value}" + (f" ({local})" if local else "")
 
