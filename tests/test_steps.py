@@ -592,3 +592,15 @@ def test_steps_of_an_autograd_grad_call_write_no_grad_attribute():
     assert walked.chains == []  # nothing was written to `a.grad`
     assert "→ `a`: (returned by `torch.autograd.grad`)" in repr(rec.report())
     assert a.grad is None and g.tolist() == [4.0, 6.0]
+
+
+def test_a_block_that_raises_is_still_checked_and_the_error_reaches_the_user():
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with pytest.raises(ValueError, match="after the backward"):  # noqa: SIM117
+        with gradmagic.watch(steps=True, check=True) as rec:
+            _Cube.apply(x).sum().backward()
+            raise ValueError("after the backward")
+    rep = rec.report()
+    assert [c.status for c in rep.block.custom_checks] == ["ok"]
+    assert [c.text for c in _steps(rep).chains] == ["x.grad = [3., 12.] = 1. · 1 · [3., 12.]"]
+    assert x.grad.tolist() == [3.0, 12.0]

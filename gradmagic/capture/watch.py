@@ -94,6 +94,7 @@ def watch(
     recorder = recorder_type(namespace, source, history, options)
     entered: list[Any] = []
     raised = False
+    interrupted = False
     _engine.install(_dispatch)  # reference counted: undone once in `finally`
     try:
         edits.install()
@@ -103,8 +104,9 @@ def watch(
                 probe.__enter__()
                 entered.append(probe)
             yield recorder
-        except BaseException:
+        except BaseException as exc:
             raised = True
+            interrupted = not isinstance(exc, Exception)  # Ctrl-C: run nothing more
             raise
         finally:
             for probe in reversed(entered):
@@ -119,7 +121,7 @@ def watch(
             recorder.namespace = {**caller.f_globals, **caller.f_locals}
             del caller
         recorder.close()
-        if options.check and recorder.block is not None:
+        if options.check and recorder.block is not None and not interrupted:
             calls, recorder.custom_functions = recorder.custom_functions, []
             checks = recorder.guard(check_functions, calls)
             recorder.block.custom_checks = checks if checks is not None else []
