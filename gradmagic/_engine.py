@@ -314,6 +314,15 @@ def input_devices(node: Any) -> list[str]:
         return []
 
 
+def is_zero_tensor(t: torch.Tensor) -> bool:
+    """Whether `t` is one of autograd's efficient zero tensors (the gradient `sgn` and
+    `sign` send): all zeros with no storage, which `tolist()` refuses."""
+    try:
+        return bool(t._is_zerotensor())
+    except Exception:  # noqa: BLE001 - subclasses and older torch
+        return False
+
+
 def custom_function_class(node: Any) -> type | None:
     """The `autograd.Function` subclass behind a custom Function's backward node."""
     return getattr(type(node), "_forward_cls", None)

@@ -18,6 +18,7 @@ from IPython.core.error import UsageError
 
 import gradmagic
 from gradmagic.capture import custom as custom_check
+from gradmagic.graph.data import flow_text
 
 SEED_001 = """
 a = torch.tensor([2., 3.], requires_grad=True)
@@ -604,3 +605,36 @@ def test_a_block_that_raises_is_still_checked_and_the_error_reaches_the_user():
     assert [c.status for c in rep.block.custom_checks] == ["ok"]
     assert [c.text for c in _steps(rep).chains] == ["x.grad = [3., 12.] = 1. · 1 · [3., 12.]"]
     assert x.grad.tolist() == [3.0, 12.0]
+
+
+@pytest.mark.parametrize(
+    "make, op, words, local",
+    [
+        (lambda x: x.exp(), "ExpBackward0", "exp(x), the op's own output", lambda x: x.exp()),
+        (lambda x: x.log(), "LogBackward0", "1/x", lambda x: 1 / x),
+        (lambda x: x.abs(), "AbsBackward0", "sign(x)", lambda x: x.sign()),
+        (lambda x: x.sgn(), "SgnBackward0", "0 (the sign is flat everywhere but at 0)", None),
+        (lambda x: x.relu(), "ReluBackward0", "1 where the output is > 0, else 0", None),
+        (lambda x: x / torch.tensor([4.0, 8.0]), "DivBackward0", "1/b", None),
+        (lambda x: x**3, "PowBackward0", "3·a²", lambda x: 3 * x**2),
+    ],
+)
+def test_each_common_op_says_its_derivative_and_sends_its_numbers(make, op, words, local):
+    x = torch.tensor([0.5, 2.0], requires_grad=True)
+    with gradmagic.watch(steps=True) as rec:
+        make(x).sum().backward()
+    assert rec.report().errors == []
+    walked = _steps(rec.report())
+    step = next(s for s in walked.steps if s.op == op)
+    assert step.received == "[1., 1.]"  # the sum's gradient: every local factor shows as sent
+    assert step.derivative == words
+    [sent] = step.sent
+    assert sent.to == "`x`"
+    assert sent.value == flow_text((x.grad + 0).tolist())  # `+ 0`: sgn sends a zero tensor
+    if local is not None:
+        with torch.no_grad():
+            assert torch.equal(x.grad, local(x))
+    if op == "SgnBackward0":
+        assert torch.equal(x.grad + 0, torch.zeros(2))
+    if op == "DivBackward0":
+        assert x.grad.tolist() == [0.25, 0.125]
