@@ -29,7 +29,7 @@ from .cells import (
     then_text,
     value_text,
 )
-from .text import TREND_HEAD, TREND_WIDTH, sent_text, trend_legend
+from .text import TREND_HEAD, TREND_WIDTH, trend_legend
 
 FONT = "-apple-system, BlinkMacSystemFont, 'Segoe UI', Helvetica, Arial, sans-serif"
 MONO = "font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px;"
@@ -293,6 +293,13 @@ def _steps(report: Any) -> str:
 STEPS_HEADS = ("#", "op", "received", "local derivative", "sent to each input")
 
 
+def _sent_html(sent: Any) -> str:
+    """`→ b: [-12., -8.] · local [12., 8.] (read)`."""
+    value = esc(sent.value) if sent.value else code_spans(f"({sent.missing})")
+    local = f" · local {esc(sent.local)}{' (read)' if sent.read else ''}" if sent.local else ""
+    return f"→ {code_spans(sent.to)}: {value}{local}"
+
+
 def _backward_steps(report: Any) -> str:
     """The backward step by step: one row per op in the engine's order, then the chain
     rule of each leaf."""
@@ -307,19 +314,19 @@ def _backward_steps(report: Any) -> str:
         parts.append(
             f'<div style="font-weight:600;margin:8px 0 2px 0">{esc(title)}'
             f'<span style="font-weight:400;color:{MUTED}"> · in the order the engine ran '
-            "the ops; a local derivative read from the numbers is what the op sent ÷ what it "
-            "received</span></div>"
+            "the ops; a local derivative marked read is what the op sent ÷ what it received"
+            "</span></div>"
         )
         body = []
         for step in walked.steps:
-            sent = "<br>".join(esc(sent_text(x)) for x in step.sent)
+            sent = "<br>".join(_sent_html(x) for x in step.sent)
             op = esc(step.op) + (f" → {code_spans(f'`{step.leaf}`')}" if step.leaf else "")
             body.append(
                 row_open("", "#ffffff")
                 + f'<td style="{TD}">{step.number}</td><td style="{TD}">{op}</td>'
                 f'<td style="{TD}">{esc(step.received)}</td>'
                 f'<td style="{TD};{WRAP}">{code_spans(step.derivative)}</td>'
-                f'<td style="{TD}">{sent}</td></tr>'
+                f'<td style="{TD};{WRAP};min-width:24ch">{sent}</td></tr>'
             )
         parts.append(
             f'<div class="gm-scroll" style="{SCROLL}"><table class="gradmagic-backward-steps" '
