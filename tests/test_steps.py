@@ -638,3 +638,19 @@ def test_each_common_op_says_its_derivative_and_sends_its_numbers(make, op, word
         assert torch.equal(x.grad + 0, torch.zeros(2))
     if op == "DivBackward0":
         assert x.grad.tolist() == [0.25, 0.125]
+
+
+def test_no_tensor_outlives_a_block_with_steps_and_check():
+    import gc
+    import weakref
+
+    def block():
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        with gradmagic.watch({}, steps=True, check=True) as rec:
+            _Cube.apply(x * 2).sum().backward()
+        rec.report()._repr_html_()
+        return weakref.ref(x), weakref.ref(x.grad)
+
+    refs = block()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
