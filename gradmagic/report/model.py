@@ -167,14 +167,17 @@ STEPS_OPS = 60
 def _backward_steps(block: BlockRecord, graphs: list[GradGraph]) -> tuple[list, list[str]]:
     """The step-by-step view of each distinct graph small enough, and why others lack one."""
     names = {r.key: r.name for r in block.leaves}
-    fresh = {
-        r.key: r.backwards == 1 and stats.is_empty(r.before) and not r.stale_start
-        for r in block.leaves
-    }
+    # Each graph shows its first run: a leaf's gradient was empty then when it was empty
+    # before the block's first backward and no graph shown before this one reached it.
+    empty = {r.key for r in block.leaves if stats.is_empty(r.before)}
+    reached: set[int] = set()
     out, notes = [], []
     for g in graphs:
         snap = g.snapshot
         n_ops = getattr(snap, "n_ops", 0)
+        before = set(reached)
+        if g.kind == "backward":  # a `torch.autograd.grad` call writes no `.grad`
+            reached.update(n.leaf_key for n in snap.nodes if n.leaf_key is not None)
         if n_ops > STEPS_OPS:
             notes.append(
                 f"The backward of {n_ops} ops is not shown step by step (at most {STEPS_OPS} ops)."
@@ -183,7 +186,7 @@ def _backward_steps(block: BlockRecord, graphs: list[GradGraph]) -> tuple[list, 
         walked = backward_steps(
             snap,
             lambda key: names.get(key, f"leaf #{key}"),
-            lambda key: fresh.get(key, False),
+            lambda key, before=before: key in empty and key not in before,
             g.kind,
         )
         if walked is None:
