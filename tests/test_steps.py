@@ -656,3 +656,23 @@ def test_no_tensor_outlives_a_block_with_steps_and_check():
     refs = block()
     gc.collect()
     assert [r() for r in refs] == [None, None]
+
+
+def test_an_optional_argument_is_not_guessed_from_its_default():
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, k=2.0):
+            ctx.k = k
+            return x * k
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * ctx.k, None
+
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gradmagic.watch(check=True) as rec:
+        Scale.apply(x, 3.0).sum().backward()
+    [check] = rec.report().block.custom_checks
+    assert check.status == "not checked"
+    assert check.reason.startswith("its forward takes 2 arguments and the graph holds 1 tensor")
+    assert x.grad.tolist() == [3.0, 3.0]

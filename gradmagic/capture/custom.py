@@ -82,7 +82,8 @@ def _name(cls: type) -> str:
 
 
 def _tensor_arguments(cls: type) -> int | None:
-    """How many positional arguments `forward` takes after `ctx` (None: *args)."""
+    """How many positional arguments `forward` takes after `ctx`, optional ones included:
+    an optional one the call may have set cannot be told from its default (None: *args)."""
     try:
         params = list(inspect.signature(cls.forward).parameters.values())
     except (TypeError, ValueError):
@@ -92,11 +93,7 @@ def _tensor_arguments(cls: type) -> int | None:
     uses_ctx = cls.setup_context is torch.autograd.Function.setup_context
     if uses_ctx and params:
         params = params[1:]
-    return sum(
-        1
-        for p in params
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    )
+    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _first_line(exc: BaseException) -> str:
