@@ -676,3 +676,25 @@ def test_an_optional_argument_is_not_guessed_from_its_default():
     assert check.status == "not checked"
     assert check.reason.startswith("its forward takes 2 arguments and the graph holds 1 tensor")
     assert x.grad.tolist() == [3.0, 3.0]
+
+
+def test_a_function_with_setup_context_is_checked():
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x**3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 3 * g * x**2
+
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with gradmagic.watch(check=True) as rec:
+        Cube.apply(x).sum().backward()
+    assert [(c.function, c.status) for c in rec.report().block.custom_checks] == [("Cube", "ok")]
+    assert x.grad.tolist() == [3.0, 12.0]
