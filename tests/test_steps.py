@@ -698,3 +698,29 @@ def test_a_function_with_setup_context_is_checked():
         Cube.apply(x).sum().backward()
     assert [(c.function, c.status) for c in rec.report().block.custom_checks] == [("Cube", "ok")]
     assert x.grad.tolist() == [3.0, 12.0]
+
+
+def test_a_warning_the_check_provokes_is_not_shown_and_not_remembered():
+    import warnings
+
+    class Picky(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            if x.dtype == torch.float64:
+                warnings.warn("float64 is slow here", UserWarning, stacklevel=1)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    with warnings.catch_warnings(record=True) as during:
+        warnings.simplefilter("default")
+        with gradmagic.watch(check=True) as rec:
+            Picky.apply(x).sum().backward()
+        rec.report()
+        assert [str(w.message) for w in during] == []  # the check's float64 call: unseen
+        Picky.apply(torch.ones(2, dtype=torch.float64))  # the user's own: shown, as without
+    assert [str(w.message) for w in during] == ["float64 is slow here"]
+    assert [c.status for c in rec.report().block.custom_checks] == ["ok"]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 import time
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -251,12 +253,50 @@ def _locate(check: CustomCheck, fn: Callable[..., Any], inputs: list[torch.Tenso
         check.analytical, check.numerical = worst[4], worst[5]
 
 
+class _unseen_warnings:  # noqa: N801 - used as `with _unseen_warnings():`, like a function
+    """Warnings given while the check runs are not shown, and leave no trace: the filters
+    are not touched (changing them makes Python forget which warnings it has shown), and
+    the once-per-location registries are put back as they were, so a warning the user's
+    code gives later shows exactly as it would have."""
+
+    def __enter__(self) -> None:
+        self._registries = {
+            name: dict(registry) for name, registry in self._each_registry() if registry
+        }
+        self._once = dict(warnings.onceregistry)  # type: ignore[attr-defined]
+        self._show = warnings._showwarnmsg  # type: ignore[attr-defined]
+        warnings._showwarnmsg = _drop  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        warnings._showwarnmsg = self._show  # type: ignore[attr-defined]
+        for name, registry in self._each_registry():
+            registry.clear()
+            registry.update(self._registries.get(name, {}))
+        warnings.onceregistry.clear()  # type: ignore[attr-defined]
+        warnings.onceregistry.update(self._once)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _each_registry() -> list[tuple[str, dict]]:
+        # A module's own dictionary, never getattr: a lazy module's __getattr__ is code.
+        found = []
+        for name, module in list(sys.modules.items()):
+            if isinstance(module, types.ModuleType):
+                registry = module.__dict__.get("__warningregistry__")
+                if isinstance(registry, dict):
+                    found.append((name, registry))
+        return found
+
+
+def _drop(message: Any) -> None:
+    return None
+
+
 def check_functions(calls: list[CustomFunctionCall]) -> list[CustomCheck]:
     """gradcheck every distinct (Function, input shapes) among `calls`.
 
     Runs with no recorder active, the user's dispatch modes popped, grad mode on, the
-    RNG forked (CPU and every CUDA device already initialised) and warnings kept from
-    the user's filters.
+    RNG forked (CPU and every CUDA device already initialised) and its warnings unseen
+    (`_unseen_warnings`).
     """
     from .recorder import ACTIVE
 
@@ -276,9 +316,8 @@ def check_functions(calls: list[CustomFunctionCall]) -> list[CustomCheck]:
             _engine.without_saved_tensor_hooks(),
             torch.random.fork_rng(devices=devices),
             torch.enable_grad(),
-            warnings.catch_warnings(),
+            _unseen_warnings(),
         ):
-            warnings.simplefilter("ignore")
             for call in distinct:
                 started = time.perf_counter()
                 check = _check_one(call)
