@@ -498,7 +498,10 @@ def test_watch_in_a_script_prints_steps_and_check(tmp_path):
     assert "  ℹ `Square`'s backward agrees with finite differences" in out
     assert "      b.grad = [-12., -8.] = [1., 1.] · -1 · [12., 8.]" in out
     assert "      a.grad = [36., 81.] = [1., 1.] · 1 · 3. · [12., 27.]" in out
-    assert "SquareBackward  received [-1., -1.]" in out
+    assert (
+        "    2. SquareBackward  received [-1., -1.]  local derivative: what `Square.backward` "
+        "computes (your code)\n" in out
+    )
 
 
 # -- a real kernel -------------------------------------------------------------------------

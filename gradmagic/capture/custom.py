@@ -77,7 +77,7 @@ def custom_functions(
     return found
 
 
-def _name(cls: type) -> str:
+def function_name(cls: type) -> str:
     """`Outer.Square` as written; a class defined in a function is called by its own name."""
     name = getattr(cls, "__qualname__", None) or getattr(cls, "__name__", "Function")
     return name.rpartition("<locals>.")[2]
@@ -142,7 +142,7 @@ def _where(shape: tuple[int, ...], index: int) -> tuple[int, ...]:
 
 
 def _check_one(call: CustomFunctionCall) -> CustomCheck:
-    name = _name(call.cls)
+    name = function_name(call.cls)
     shapes = tuple(s[0] if s is not None else None for s in call.inputs)
     check = CustomCheck(function=name, shapes=shapes, leaf_keys=call.leaf_keys)
     missing = [k for k, s in enumerate(call.inputs) if s is None]

@@ -28,7 +28,7 @@ from ..graph.snapshot import snapshot
 from ..history import History, default_history
 from ..options import Options
 from ..records import BackwardRecord, BlockRecord, Change, LeafRecord
-from .custom import CustomFunctionCall, custom_functions
+from .custom import CustomFunctionCall, custom_functions, function_name
 from .ddp import reduced_parameters, writes_unreached
 from .flow import FlowRecorder, RepeatFolder, unhooked_leaves
 from .leaves import Edit, LeafTrack
@@ -342,6 +342,11 @@ class Recorder:
         self._before(targets)  # a `torch.autograd.grad` call's inputs too: their rows show it
         if self.options.check:
             self.custom_functions.extend(custom_functions(live, self._leaf_key))
+        if self.options.steps and snap.n_ops <= self.options.flow_budget:
+            for nid, node in live.items():
+                cls = _engine.custom_function_class(node)
+                if cls is not None:
+                    snap.nodes[nid].function = function_name(cls)
         if not self.options.graph:
             return record, nullcontext()
         # The step-by-step view needs when each leaf's AccumulateGrad ran: every leaf is hooked.

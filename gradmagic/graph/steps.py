@@ -263,6 +263,8 @@ def backward_steps(
         for e in sorted(out_edges.get(nid, []), key=lambda e: e.slot):
             n = _numel(e.size) if e.size is not None else None
             phrase = derivative_words(node.op, saved, e.slot, n)
+            if node.function:
+                phrase = f"what `{node.function}.backward` computes (your code)"
             if phrase:
                 words[e.slot] = phrase
             shared = fan_in[(e.src, e.port)]
