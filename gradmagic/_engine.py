@@ -247,6 +247,25 @@ class quiet:  # noqa: N801 - used as `with quiet():`, like a function
             torch._C._set_grad_enabled(True)
 
 
+class without_saved_tensor_hooks:  # noqa: N801 - used as `with ...:`, like a function
+    """Take the user's default saved-tensor hooks (`saved_tensors_hooks` contexts) off
+    while gradmagic runs autograd of its own (`gradcheck` on copies), and put them back
+    as they were: the user's pack and unpack hooks never see gradmagic's tensors."""
+
+    __slots__ = ("_hooks",)
+
+    def __enter__(self) -> None:
+        autograd = torch._C._autograd
+        self._hooks: list[tuple[Any, Any]] = []
+        while (top := autograd._top_saved_tensors_default_hooks(False)) is not None:
+            self._hooks.append(top)
+            autograd._pop_saved_tensors_default_hooks()
+
+    def __exit__(self, *exc: object) -> None:
+        for pack, unpack in reversed(self._hooks):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
 def is_named_leaf(value: torch.Tensor) -> bool:
     """Whether a tensor is a leaf that requires grad, read without touching `.grad_fn`.
 
@@ -285,6 +304,28 @@ def input_sizes(node: Any) -> list[Any]:
         return [meta.shape for meta in node._input_metadata]
     except Exception:  # noqa: BLE001 - nested tensors and older torch: edges go unlabelled
         return []
+
+
+def input_devices(node: Any) -> list[str]:
+    """Devices of the gradients a node receives, from its metadata ([] where unknown)."""
+    try:
+        return [str(meta.device) for meta in node._input_metadata]
+    except Exception:  # noqa: BLE001 - nested tensors and older torch
+        return []
+
+
+def is_zero_tensor(t: torch.Tensor) -> bool:
+    """Whether `t` is one of autograd's efficient zero tensors (the gradient `sgn` and
+    `sign` send): all zeros with no storage, which `tolist()` refuses."""
+    try:
+        return bool(t._is_zerotensor())
+    except Exception:  # noqa: BLE001 - subclasses and older torch
+        return False
+
+
+def custom_function_class(node: Any) -> type | None:
+    """The `autograd.Function` subclass behind a custom Function's backward node."""
+    return getattr(type(node), "_forward_cls", None)
 
 
 def next_functions(node: Any) -> tuple:

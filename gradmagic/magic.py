@@ -145,6 +145,20 @@ class GradMagics(Magics):
         action="store_true",
         help="Under torch.distributed: show the report on every rank, not only on rank 0.",
     )
+    @argument(
+        "--steps",
+        action="store_true",
+        help="Show the backward step by step on graphs of at most 60 ops: the order the "
+        "engine ran the ops, what each received and sent, its local derivative, and the chain "
+        "rule for each leaf, with the numbers.",
+    )
+    @argument(
+        "--check",
+        action="store_true",
+        help="Run torch.autograd.gradcheck on every custom autograd.Function the cell's "
+        "graphs ran (float64, fresh inputs of the recorded shapes; your tensors and random "
+        "state are left alone) and say which backward disagrees with finite differences.",
+    )
     @argument("args", nargs="*", help="For the line magic: `reset`, or `history NAME`.")
     @line_cell_magic
     def grad(self, line: str, cell: str | None = None) -> Any:
@@ -166,6 +180,8 @@ class GradMagics(Magics):
             raise UsageError(
                 f"%%grad takes options only, not {' '.join(args.args)!r}; see %%grad? for them."
             )
+        if args.steps and args.no_graph:
+            raise UsageError("--steps shows the graph's ops one by one: drop -G/--no-graph.")
         # The magic's line, as a comment, keeps line numbers in tracebacks equal
         # to the lines the user sees in the cell.
         code = f"# %%grad {' '.join(line.split())}\n" + self.shell.transform_cell(cell)
@@ -187,6 +203,8 @@ class GradMagics(Magics):
             plot=args.plot,
             check_ranks=args.check_ranks,
             rank_timeout=args.rank_timeout,
+            steps=args.steps,
+            check=args.check,
         ) as recorder:
             try:
                 self._execute(code, filename)

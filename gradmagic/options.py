@@ -25,11 +25,16 @@ class Options:
     # The cross-rank consistency check, and how long it waits for the other ranks.
     check_ranks: bool = False
     rank_timeout: float = 60.0
+    # The backward step by step (small graphs), and gradcheck on custom autograd Functions.
+    steps: bool = False
+    check: bool = False
 
     def __post_init__(self) -> None:
         timeout = self.rank_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"rank_timeout must be a number of seconds above 0, not {timeout!r}.")
+        if self.steps and not self.graph:
+            raise ValueError("steps=True shows the graph's ops: it needs graph=True.")
         if isinstance(self.values, bool) or not isinstance(self.values, int) or self.values < 0:
             raise ValueError(f"values must be a whole number >= 0, not {self.values!r}.")
         if isinstance(self.only, str):

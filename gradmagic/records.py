@@ -226,6 +226,33 @@ class RankCheck:
 
 
 @dataclass
+class CustomCheck:
+    """`torch.autograd.gradcheck` on one custom `autograd.Function` (`check=True`).
+
+    `status`: "ok", "mismatch" (the backward disagrees with finite differences, or
+    raised) or "not checked" (`reason` says why). For a mismatch located element by
+    element: the tensor `input` that disagrees most, at `element` of it and element
+    `output_element` of the flattened outputs, by `gap` (`analytical` from the
+    backward, `numerical` from finite differences).
+    """
+
+    function: str  # the Function's qualified name
+    shapes: tuple[tuple[int, ...] | None, ...]  # of its tensor inputs
+    leaf_keys: tuple[int | None, ...] = ()  # the leaf row fed straight into each input
+    status: str = ""
+    reason: str = ""
+    detail: str = ""  # gradcheck's first line, or what the backward raised
+    fast: bool = False  # gradcheck's fast mode (inputs too large for a full Jacobian)
+    input: int | None = None
+    element: tuple[int, ...] = ()
+    output_element: int = 0
+    gap: float | None = None
+    analytical: float | None = None
+    numerical: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
 class BlockRecord:
     """Everything a watched block recorded: what findings and the report read."""
 
@@ -252,6 +279,7 @@ class BlockRecord:
     world_size: int = 1
     ddp: list[DDPFact] = field(default_factory=list)
     rank_check: RankCheck | None = None
+    custom_checks: list[CustomCheck] | None = None  # `check=True`: one per Function and shapes
 
 
 def rows(block: BlockRecord) -> list[LeafRecord]:

@@ -185,3 +185,33 @@ def test_fsdp2_internals_are_where_gradmagic_reads_them():
         _fsdp_state.FSDPState.__init__
     )
     assert _engine.fsdp_unsharded() == {}  # no fully_shard module alive in this process
+
+
+def test_default_saved_tensor_hooks_can_be_taken_off_and_put_back():
+    pack, unpack = (lambda t: t), (lambda t: t)
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        assert top(False) == (pack, unpack)
+        with _engine.without_saved_tensor_hooks():
+            assert top(False) is None
+        assert top(False) == (pack, unpack)
+    assert top(False) is None
+
+
+def test_a_custom_function_node_names_its_class_and_only_its_tensor_inputs():
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, k):
+            return x * k
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
+
+    x = torch.ones(2, requires_grad=True)
+    node = Scale.apply(x, 2.0).grad_fn
+    assert _engine.custom_function_class(node) is Scale
+    assert len(node.next_functions) == 1  # the number 2.0 has no edge
+    leaf = node.next_functions[0][0]
+    assert [tuple(s) for s in _engine.input_sizes(leaf)] == [(2,)]
+    assert _engine.input_devices(leaf) == ["cpu"]

@@ -481,3 +481,12 @@ def test_exported_page_fetches_nothing_from_the_web():
 def test_notebooks_dir_is_next_to_the_package():
     assert demo.NOTEBOOK_DIR.is_dir()
     assert (demo.NOTEBOOK_DIR.parent / "gradmagic" / "demo.py").samefile(demo.__file__)
+
+
+def test_03_steps_show_the_chain_rule_with_the_numbers():
+    nb = executed("03_gradient_argument")
+    page = html.unescape(re.sub(r"<[^>]+>", "", report_html(nb, "steps")))
+    # 9a² = 1 · 1 · 3 · 3a², −2b = 1 · −1 · 2b
+    assert "a.grad = [36., 81.] = [1., 1.] · 1 · 3. · [12., 27.]" in page
+    assert "b.grad = [-12., -8.] = [1., 1.] · -1 · [12., 8.]" in page
+    assert "PowBackward0[3., 3.]3·a²" in page.replace("\n", "")

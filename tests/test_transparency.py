@@ -171,9 +171,11 @@ def _meta():
         _meta,
     ],
 )
-@pytest.mark.parametrize("copies", [False, True])
-def test_bit_identical(step, copies):
-    assert _same(_run(step, False), _run(step, True, copies=copies))
+@pytest.mark.parametrize(
+    "options", [{"copies": False}, {"copies": True}, {"steps": True, "check": True}]
+)
+def test_bit_identical(step, options):
+    assert _same(_run(step, False), _run(step, True, **options))
 
 
 def test_known_values_survive_watching():

@@ -31,6 +31,8 @@ def _flow_value(grad: torch.Tensor, values: int) -> tuple[Any, bool]:
     v, _ = stats.computable(grad)
     if v is None:
         return None, True
+    if _engine.is_zero_tensor(v):
+        v = torch.zeros(v.shape, dtype=v.dtype)
     if v.numel() <= values:
         listed = v.tolist()
         return listed, stats.finite_numbers(stats.flat_list(listed))

@@ -28,6 +28,7 @@ from ..graph.snapshot import snapshot
 from ..history import History, default_history
 from ..options import Options
 from ..records import BackwardRecord, BlockRecord, Change, LeafRecord
+from .custom import CustomFunctionCall, custom_functions, function_name
 from .ddp import reduced_parameters, writes_unreached
 from .flow import FlowRecorder, RepeatFolder, unhooked_leaves
 from .leaves import Edit, LeafTrack
@@ -99,6 +100,8 @@ class Recorder:
             self.created_names,
         ]
         self._repeats = RepeatFolder()
+        # The custom autograd Functions the graphs ran, for `check=True`: classes and shapes.
+        self.custom_functions: list[CustomFunctionCall] = []
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def guard(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -156,6 +159,10 @@ class Recorder:
         track.leaf_id = id(leaf)
         self._tracks[id(leaf)] = track
         return track
+
+    def _leaf_key(self, leaf: torch.Tensor) -> int | None:
+        track = self.tracked(leaf)
+        return track.record.key if track is not None else None
 
     def _named_in_frame(self, tensor: torch.Tensor, name: str) -> None:
         track = self.tracked(tensor)
@@ -333,9 +340,18 @@ class Recorder:
         self.records.append(record)
         self._pending = targets if call.accumulate_grad else []
         self._before(targets)  # a `torch.autograd.grad` call's inputs too: their rows show it
+        if self.options.check:
+            self.custom_functions.extend(custom_functions(live, self._leaf_key))
+        if self.options.steps and snap.n_ops <= self.options.flow_budget:
+            for nid, node in live.items():
+                cls = _engine.custom_function_class(node)
+                if cls is not None:
+                    snap.nodes[nid].function = function_name(cls)
         if not self.options.graph:
             return record, nullcontext()
-        unhooked = unhooked_leaves(snap, found) if call.accumulate_grad else {}
+        # The step-by-step view needs when each leaf's AccumulateGrad ran: every leaf is hooked.
+        adding = call.accumulate_grad and not self.options.steps
+        unhooked = unhooked_leaves(snap, found) if adding else {}
         flow = FlowRecorder(
             snap,
             live,

@@ -12,6 +12,7 @@ from ..history import History
 from ..options import Options
 from ..records import RankCheck
 from . import edits
+from .custom import check_functions
 from .ranks import check_ranks as check_ranks_now
 from .recorder import ACTIVE, Recorder
 
@@ -43,6 +44,8 @@ def watch(
     plot: bool | None = None,
     check_ranks: bool = False,
     rank_timeout: float = 60.0,
+    steps: bool = False,
+    check: bool = False,
     recorder_type: type[Recorder] = Recorder,
 ) -> Iterator[Recorder]:
     """Record every backward, optimizer step and gradient edit made inside the block.
@@ -54,6 +57,11 @@ def watch(
     thresholds of the findings; `plot` turns the gradient-flow chart on or off
     (None: on from 8 leaves). `recorder_type` is the class that records (a subclass of
     `Recorder` that also sees each engine call: the script runner's).
+
+    `steps=True` records, on small graphs, the order in which the engine ran each op
+    and what it received and sent (`rep.backward_steps`). `check=True` runs
+    `torch.autograd.gradcheck` on every custom `autograd.Function` the graphs ran, on
+    fresh float64 inputs of the recorded shapes, when the block ends.
 
     Under torch.distributed, `check_ranks=True` compares every parameter's `.grad`
     across the ranks when the block ends and names those that differ. It is a
@@ -80,10 +88,13 @@ def watch(
         plot=plot,
         check_ranks=bool(check_ranks),
         rank_timeout=rank_timeout,
+        steps=bool(steps),
+        check=bool(check),
     )
     recorder = recorder_type(namespace, source, history, options)
     entered: list[Any] = []
     raised = False
+    interrupted = False
     _engine.install(_dispatch)  # reference counted: undone once in `finally`
     try:
         edits.install()
@@ -93,8 +104,9 @@ def watch(
                 probe.__enter__()
                 entered.append(probe)
             yield recorder
-        except BaseException:
+        except BaseException as exc:
             raised = True
+            interrupted = not isinstance(exc, Exception)  # Ctrl-C: run nothing more
             raise
         finally:
             for probe in reversed(entered):
@@ -109,6 +121,10 @@ def watch(
             recorder.namespace = {**caller.f_globals, **caller.f_locals}
             del caller
         recorder.close()
+        if options.check and recorder.block is not None and not interrupted:
+            calls, recorder.custom_functions = recorder.custom_functions, []
+            checks = recorder.guard(check_functions, calls)
+            recorder.block.custom_checks = checks if checks is not None else []
         if options.check_ranks and recorder.block is not None:
             recorder.block.rank_check = _rank_check(recorder, raised)
 

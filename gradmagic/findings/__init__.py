@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..records import BlockRecord
 from . import (  # noqa: F401 - they register
     accumulation,
+    custom,
     distributed,
     missing,
     numerics,

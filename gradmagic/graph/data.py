@@ -58,6 +58,7 @@ class GraphNode:
     is_root: bool = False
     is_input: bool = False  # named in `inputs=` of the backward
     module: int | None = None  # innermost `GraphSnapshot.modules` call holding it
+    function: str = ""  # a custom autograd.Function's name (`steps=True` graphs only)
 
     @property
     def saved(self) -> tuple[tuple[str, str], ...]:

@@ -105,6 +105,8 @@ def report_html(report: Any) -> str:
         parts.append(_table(report, uid))
     if report.steps:
         parts.append(_steps(report))
+    if report.backward_steps or report.steps_notes:
+        parts.append(_backward_steps(report))
     if report.show_graph:
         parts.extend(_graph(g) for g in report.graphs)
     if report.flow is not None:
@@ -286,6 +288,61 @@ def _steps(report: Any) -> str:
         f'style="{TABLE}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
         f"</table></div>{note}"
     )
+
+
+STEPS_HEADS = ("#", "op", "received", "local derivative", "sent to each input")
+
+
+def _sent_html(sent: Any) -> str:
+    """`→ b: [-12., -8.] · local [12., 8.] (read)`."""
+    value = esc(sent.value) if sent.value else code_spans(f"({sent.missing})")
+    local = f" · local {esc(sent.local)}{' (read)' if sent.read else ''}" if sent.local else ""
+    return f"→ {code_spans(sent.to)}: {value}{local}"
+
+
+def _backward_steps(report: Any) -> str:
+    """The backward step by step: one row per op in the engine's order, then the chain
+    rule of each leaf."""
+    parts = []
+    head = "".join(f'<th style="{TH}">{h}</th>' for h in STEPS_HEADS)
+    for k, walked in enumerate(report.backward_steps):
+        title = "The backward, step by step"
+        if len(report.backward_steps) > 1:
+            title += f" (graph {k + 1})"
+        if walked.repeat > 1:
+            title += f" (it ran {walked.repeat}×: the numbers of its first run)"
+        parts.append(
+            f'<div style="font-weight:600;margin:8px 0 2px 0">{esc(title)}'
+            f'<span style="font-weight:400;color:{MUTED}"> · in the order the engine ran '
+            "the ops; a local derivative marked read is what the op sent ÷ what it received"
+            "</span></div>"
+        )
+        body = []
+        for step in walked.steps:
+            sent = "<br>".join(_sent_html(x) for x in step.sent)
+            op = esc(step.op) + (f" → {code_spans(f'`{step.leaf}`')}" if step.leaf else "")
+            body.append(
+                row_open("", "#ffffff")
+                + f'<td style="{TD}">{step.number}</td><td style="{TD}">{op}</td>'
+                f'<td style="{TD}">{esc(step.received)}</td>'
+                f'<td style="{TD};{WRAP}">{code_spans(step.derivative)}</td>'
+                f'<td style="{TD};{WRAP};min-width:24ch">{sent}</td></tr>'
+            )
+        parts.append(
+            f'<div class="gm-scroll" style="{SCROLL}"><table class="gradmagic-backward-steps" '
+            f'style="{TABLE}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>"
+        )
+        if walked.chains:
+            items = "".join(
+                f'<li><code style="{CODE}">{esc(c.text)}</code></li>' for c in walked.chains
+            )
+            parts.append(
+                f'<div style="margin:2px 0">The chain rule, with the numbers:</div>'
+                f'<ul class="gradmagic-chain" style="margin:0 0 4px 18px;padding:0">{items}</ul>'
+            )
+    parts += [f'<div style="color: {MUTED};">{esc(n)}</div>' for n in report.steps_notes]
+    return "".join(parts)
 
 
 _SIZE = re.compile(r'<svg[^>]*?\bwidth="([\d.]+)(pt|px)?"[^>]*?\bheight="([\d.]+)(pt|px)?"', re.S)

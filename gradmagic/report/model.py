@@ -10,6 +10,7 @@ import torch
 
 from .. import _engine, stats
 from ..findings import Finding, findings_for
+from ..graph.steps import BackwardSteps, backward_steps
 from ..records import BlockRecord, Change, LeafRecord, OptimizerSteps, rows
 from ..trajectory import Trajectory
 from .plot import GradientFlow, gradient_flow
@@ -159,6 +160,46 @@ def complete_changes(block: BlockRecord) -> None:
                     p.change = after - before
 
 
+# Graphs shown step by step: a few dozen ops read as a list; more do not.
+STEPS_OPS = 60
+
+
+def _backward_steps(block: BlockRecord, graphs: list[GradGraph]) -> tuple[list, list[str]]:
+    """The step-by-step view of each distinct graph small enough, and why others lack one."""
+    names = {r.key: r.name for r in block.leaves}
+    # Each graph shows its first run: a leaf's gradient was empty then when it was empty
+    # before the block's first backward and no graph shown before this one reached it.
+    empty = {r.key for r in block.leaves if stats.is_empty(r.before)}
+    reached: set[int] = set()
+    out, notes = [], []
+    for g in graphs:
+        snap = g.snapshot
+        n_ops = getattr(snap, "n_ops", 0)
+        before = set(reached)
+        if g.kind == "backward":  # a `torch.autograd.grad` call writes no `.grad`
+            reached.update(n.leaf_key for n in snap.nodes if n.leaf_key is not None)
+        if n_ops > STEPS_OPS:
+            notes.append(
+                f"The backward of {n_ops} ops is not shown step by step (at most {STEPS_OPS} ops)."
+            )
+            continue
+        walked = backward_steps(
+            snap,
+            lambda key: names.get(key, f"leaf #{key}"),
+            lambda key, before=before: key in empty and key not in before,
+            g.kind,
+        )
+        if walked is None:
+            notes.append(
+                f"The backward of {n_ops} ops is not shown step by step: its gradients were "
+                "too large to record what flowed."
+            )
+        else:
+            walked.repeat = g.repeat
+            out.append(walked)
+    return out, notes
+
+
 @dataclass
 class GradReport:
     """What one `%%grad` cell (or `watch()` block) did to the gradients.
@@ -186,6 +227,10 @@ class GradReport:
     # What the headline calls the block: "cell run 2" by default; the script runner's
     # "train.py · optimizer step 100".
     label: str | None = None
+    # `steps=True`: the backward step by step, one per distinct graph (None: not recorded,
+    # `steps_notes` says why).
+    backward_steps: list[BackwardSteps] = field(default_factory=list)
+    steps_notes: list[str] = field(default_factory=list)
 
     @classmethod
     def from_block(cls, block: BlockRecord) -> GradReport:
@@ -209,7 +254,10 @@ class GradReport:
                 )
                 for record, repeat in distinct_graphs(block)
             ]
+        walked, walk_notes = _backward_steps(block, graphs) if block.options.steps else ([], [])
         return cls(
+            backward_steps=walked,
+            steps_notes=walk_notes,
             rows=[LeafRow.of(r) for r in rows(block)],
             backwards=list(block.backwards),
             findings=findings,

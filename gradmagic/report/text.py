@@ -129,6 +129,7 @@ def report_text(report: Any, color: bool = False) -> str:
         lines += _table([STEP_HEADER, *body], "    ", widths)
         if len(params) > MAX_STEP_ROWS:
             lines.append(f"    {len(params) - MAX_STEP_ROWS:,} more in `rep.step_table`")
+    lines += steps_lines(report)
     if report.flow is not None:
         lines.append("  " + report.flow.summary())
     graphs = report.graphs if report.show_graph else []
@@ -145,3 +146,32 @@ def report_text(report: Any, color: bool = False) -> str:
     for err in report.errors:
         lines.append(f"  (gradmagic internal: {err})")
     return "\n".join(lines)
+
+
+def sent_text(sent: Any) -> str:
+    """`→ PowBackward0: [36., 81.] (local [12., 27.], read)`."""
+    value = sent.value or f"({sent.missing})"
+    local = f"local {sent.local}{' = sent ÷ received' if sent.read else ''}" if sent.local else ""
+    return f"→ {sent.to}: {value}" + (f" ({local})" if local else "")
+
+
+def steps_lines(report: Any) -> list[str]:
+    """The backward step by step (`steps=True`), for the terminal."""
+    lines = []
+    for k, walked in enumerate(report.backward_steps):
+        title = "the backward, step by step"
+        if len(report.backward_steps) > 1:
+            title += f" (graph {k + 1})"
+        if walked.repeat > 1:
+            title += f" (it ran {walked.repeat}×: the numbers of its first run)"
+        lines.append(f"  {title}: the order the engine ran the ops")
+        for step in walked.steps:
+            derivative = f"  local derivative: {step.derivative}" if step.derivative else ""
+            lines.append(f"    {step.number}. {step.op}  received {step.received}{derivative}")
+            for sent in step.sent:
+                lines.append(f"         {sent_text(sent)}")
+        if walked.chains:
+            lines.append("    chain rule, with the numbers:")
+            lines += [f"      {c.text}" for c in walked.chains]
+    lines += [f"  {note}" for note in report.steps_notes]
+    return lines
