@@ -90,6 +90,13 @@ def caller_context(call: EngineCall, frame: Any) -> None:
         frame = frame.f_back
 
 
+def user_frame(frame: Any) -> Any:
+    """The first frame outside torch, going out from `frame` (the code that called backward)."""
+    while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
+        frame = frame.f_back
+    return frame
+
+
 def skip_reason(call: EngineCall) -> str | None:
     """Why gradmagic must leave a call alone, or None to record it.
 

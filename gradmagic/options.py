@@ -28,6 +28,8 @@ class Options:
     # The backward step by step (small graphs), and gradcheck on custom autograd Functions.
     steps: bool = False
     check: bool = False
+    # Source lines of the graph's ops: None on up to a budget of ops, True always, False off.
+    lines: bool | None = None
 
     def __post_init__(self) -> None:
         timeout = self.rank_timeout

@@ -568,3 +568,23 @@ def format_value(value: object) -> str:
             return f"<{type(value).__name__} {shape_of(value)} {dtype_name(value.dtype)}>"
         return " ".join(text.split())
     return str(value)
+
+
+def nonfinite_words(t: torch.Tensor) -> str:
+    """What non-finite values a floating tensor holds: "NaN", "-inf", "NaN and inf"; ""
+    when all are finite (or it is not a floating tensor). Callers hold `quiet()`."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return ""
+    v = t.detach()
+    if v.is_complex():
+        v = torch.view_as_real(v)
+    if bool(torch.isfinite(v).all()):
+        return ""
+    found = []
+    if bool(torch.isnan(v).any()):
+        found.append("NaN")
+    if bool((v == float("inf")).any()):
+        found.append("inf")
+    if bool((v == float("-inf")).any()):
+        found.append("-inf")
+    return " and ".join(found)

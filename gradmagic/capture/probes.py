@@ -77,7 +77,7 @@ class OptimizerStepProbe:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.recorder.created_names.release(self)
+        self.recorder.holds.release(self)
 
     def _mine(self) -> bool:
         recorder = self.recorder
@@ -87,7 +87,7 @@ class OptimizerStepProbe:
         if not self._mine() or torch.compiler.is_compiling():
             return
         # The naming hook is off for the whole step: an optimizer is library code.
-        self.recorder.created_names.hold(self)
+        self.recorder.holds.hold(self)
         # A closure (LBFGS) computes the gradients inside the step: they are read when
         # the step returns, as the step left them.
         # `args` is what step() was given, the optimizer first.
@@ -162,7 +162,7 @@ class OptimizerStepProbe:
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._mine() or torch.compiler.is_compiling():
             return
-        self.recorder.created_names.release(self)
+        self.recorder.holds.release(self)
         # Counted here, not before: a step that raised moved nothing.
         live = self.live.get(id(optimizer))
         if live is None:

@@ -32,8 +32,11 @@ from .custom import CustomFunctionCall, custom_functions, function_name
 from .ddp import reduced_parameters, writes_unreached
 from .flow import FlowRecorder, RepeatFolder, unhooked_leaves
 from .leaves import Edit, LeafTrack
+from .lines import DEFAULT_BUDGET, Holds, SourceLines
 from .modules import ModuleCalls
 from .names import CreatedLeafNames, may_run_user_code
+
+FORWARD_CHECK_NUMEL = 1 << 20  # larger outputs are not checked for NaN/Inf in the forward
 
 # The recorders of the blocks running now, innermost last: the engine wrapper and the
 # edit wrappers hand each call to the innermost one.
@@ -84,20 +87,29 @@ class Recorder:
             enabled=may_run_user_code(namespace, source),
             errors=self.internal_errors,
         )
+        lines = self.options.lines
+        self.lines = SourceLines(
+            enabled=lines is not False,
+            budget=None if lines is True else DEFAULT_BUDGET,
+            source=source,
+            errors=self.internal_errors,
+        )
+        self.holds = Holds(self.created_names, self.lines)
         self.module_spans = ModuleSpans() if self.options.graph else None
         self.module_name: Callable[[Any], str | None] | None = None  # set when the block closes
-        self.module_calls = ModuleCalls(self.created_names, self.module_spans, self.internal_errors)
+        self.module_calls = ModuleCalls(self.holds, self.module_spans, self.internal_errors)
         self.steps = OptimizerStepProbe(self)
         self.warnings = WarningProbe(self.internal_errors)
         self.grad_mode = GradModeProbe()
-        # The naming hook goes on last and comes off first: it would see every call the
-        # other probes make while they install and remove themselves.
+        # The naming hook and the line trace go on last and come off first: they would see
+        # every call the other probes make while they install and remove themselves.
         self.probes: list[Any] = [
             self.module_calls,
             self.steps,
             self.warnings,
             self.grad_mode,
             self.created_names,
+            self.lines,
         ]
         self._repeats = RepeatFolder()
         # The custom autograd Functions the graphs ran, for `check=True`: classes and shapes.
@@ -177,7 +189,7 @@ class Recorder:
         nested = self._running is not None and _engine.in_backward()
         if not nested and (self._depth or threading.get_ident() != self._thread):
             return original(*args, **kwargs)
-        naming, key = self.created_names, object()
+        naming, key = self.holds, object()
         naming.hold(key)  # first: the hook would see every call made here
         try:
             call = _engine.parse_call(args, kwargs)
@@ -260,7 +272,7 @@ class Recorder:
     def _begin(self, call: _engine.EngineCall, frame: Any) -> tuple[BackwardRecord, Any]:
         _engine.caller_context(call, frame)
         with _engine.quiet():
-            return self._begin_quietly(call)
+            return self._begin_quietly(call, frame)
 
     def _stand_in(self, leaf: torch.Tensor, sharded: dict[int, _engine.ShardedParam]) -> Any:
         """The tensor whose `.grad` receives what reaches `leaf`: for an FSDP2 unsharded
@@ -275,7 +287,7 @@ class Recorder:
         self._unsharded[id(leaf)] = (weakref.ref(leaf), weakref.ref(param.sharded))
         return leaf
 
-    def _begin_quietly(self, call: _engine.EngineCall) -> tuple[BackwardRecord, Any]:
+    def _begin_quietly(self, call: _engine.EngineCall, frame: Any) -> tuple[BackwardRecord, Any]:
         roots = [t for t in call.outputs if isinstance(t, torch.Tensor)]
         found: list[tuple[torch.Tensor, LeafTrack]] = []
         sharded = _engine.fsdp_unsharded()
@@ -294,6 +306,12 @@ class Recorder:
         )
         for _, track in found:
             track.record.in_graph = True
+        self.lines.annotate(snap)
+        if self.lines.enabled and self.options.graph:
+            user = _engine.user_frame(frame)
+            globals_ = user.f_globals if user is not None else None
+            del user
+            self.guard(self._forward_values, snap, live, globals_)
         for edge in snap.edges:
             src = snap.nodes[edge.src]
             if src.kind == "leaf" and src.leaf_key is not None:
@@ -362,6 +380,39 @@ class Recorder:
         )
         self._flow = (flow, unhooked)
         return record, flow
+
+    def _forward_values(
+        self, snap: Any, live: dict[int, Any], globals_: Mapping[str, Any] | None
+    ) -> None:
+        """Note the ops whose output a variable of the user's holds, non-finite, as the
+        backward begins: where a NaN or Inf was already in the forward. Read from the
+        namespace (and the globals of the code that called backward), never from a saved
+        tensor; a variable's `grad_fn` is the node that made its value."""
+        spaces = [space for space in (self.namespace, globals_) if space]
+        if not spaces or not snap.nodes:
+            return
+        ids = {id(node): nid for nid, node in live.items()}
+        for space in spaces:
+            for key, value in list(space.items()):
+                if (
+                    type(value) is not torch.Tensor
+                    or not isinstance(key, str)
+                    or key.startswith("_")
+                    or not value.requires_grad
+                    or value.is_leaf
+                    or value.is_meta
+                    or value.numel() > FORWARD_CHECK_NUMEL
+                ):
+                    continue
+                try:
+                    nid = ids.get(id(value.grad_fn))
+                except Exception:  # noqa: BLE001 - a view whose grad_fn raises: not ours
+                    continue
+                if nid is None or nid in snap.forward_nonfinite:
+                    continue
+                what = stats.nonfinite_words(value)
+                if what:
+                    snap.forward_nonfinite[nid] = (key, what)
 
     def _ddp_unreached(
         self, found: list[tuple[torch.Tensor, LeafTrack]]
@@ -465,6 +516,7 @@ class Recorder:
         # the only reference cycles a block builds.
         self.probes = []
         self.created_names.on_name = None
+        self.holds = Holds()
         self.steps = self.warnings = None  # type: ignore[assignment]
         self._tracks = {}
         self._scaled = {}

@@ -47,6 +47,7 @@ def watch(
     steps: bool = False,
     check: bool = False,
     recorder_type: type[Recorder] = Recorder,
+    lines: bool | None = None,
 ) -> Iterator[Recorder]:
     """Record every backward, optimizer step and gradient edit made inside the block.
 
@@ -56,7 +57,9 @@ def watch(
     also when it raises. `vanish`, `explode` and `ratio` are the gradient-norm
     thresholds of the findings; `plot` turns the gradient-flow chart on or off
     (None: on from 8 leaves). `recorder_type` is the class that records (a subclass of
-    `Recorder` that also sees each engine call: the script runner's).
+    `Recorder` that also sees each engine call: the script runner's). `lines` records
+    the line of code that created each op of the graph: None (the default) until the block
+    has created 10,000 autograd nodes, True without that limit, False not at all.
 
     `steps=True` records, on small graphs, the order in which the engine ran each op
     and what it received and sent (`rep.backward_steps`). `check=True` runs
@@ -90,8 +93,10 @@ def watch(
         rank_timeout=rank_timeout,
         steps=bool(steps),
         check=bool(check),
+        lines=lines,
     )
     recorder = recorder_type(namespace, source, history, options)
+    recorder.lines.entry_frame = sys._getframe(2)
     entered: list[Any] = []
     raised = False
     interrupted = False

@@ -39,12 +39,30 @@ def _nonfinite_counts(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def _first_nonfinite_op(block: BlockRecord) -> str | None:
+def _first_nonfinite_op(block: BlockRecord) -> Any:
+    """The graph node whose backward first produced a NaN or Inf gradient."""
     for record in block.backwards:
-        op = record.graph.first_nonfinite_op if record.graph is not None else None
-        if op:
-            return op
+        snap = record.graph
+        nid = snap.first_nonfinite_node if snap is not None else None
+        if nid is not None:
+            return snap.nodes[nid]
     return None
+
+
+def _forward_origin(block: BlockRecord) -> tuple[Any, str, str] | None:
+    """The first op whose forward output a variable held non-finite as the backward began."""
+    for record in block.backwards:
+        origin = record.graph.forward_origin if record.graph is not None else None
+        if origin is not None:
+            return origin
+    return None
+
+
+def at_line(node: Any) -> str:
+    """` at line 3: `q = torch.log(p)`` for a node whose line is known, else ""."""
+    if not node.line:
+        return ""
+    return f" at {node.line}: `{node.code}`" if node.code else f" at {node.line}"
 
 
 @rule
@@ -64,15 +82,25 @@ def nan_inf(block: BlockRecord) -> Iterator[Finding]:
         parts.append(f"`{r.name}.grad` has {what or 'NaN or Inf'} ({of})")
     if len(bad) > 4:
         parts.append(f"{len(bad) - 4} more leaves too")
-    op = _first_nonfinite_op(block)
-    if op:
+    node = _first_nonfinite_op(block)
+    origin = _forward_origin(block)
+    if origin is not None:
+        made, variable, what = origin
+        why = (
+            f"the forward value was already {what}{at_line(made) or f' in `{made.op}`'} "
+            f"(`{variable}` held {what} when backward ran)"
+        )
+        if node is not None:
+            why += f"; the first non-finite gradient came out of `{node.op}`{at_line(node)}"
+    elif node is not None:
+        op = node.op
         cause = NONFINITE_CAUSES.get(re.sub(r"Backward\d*$", "", op))
         likely = (
             f"likely {cause}"
             if cause
             else "look at its inputs (a forward value that is already NaN or Inf gives one)"
         )
-        why = f"the first non-finite gradient came out of `{op}`: {likely}"
+        why = f"the first non-finite gradient came out of `{op}`{at_line(node)}: {likely}"
     else:
         why = (
             f"an operation between the loss and {'it' if len(bad) == 1 else 'them'} produced a "

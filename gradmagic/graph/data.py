@@ -59,6 +59,8 @@ class GraphNode:
     is_input: bool = False  # named in `inputs=` of the backward
     module: int | None = None  # innermost `GraphSnapshot.modules` call holding it
     function: str = ""  # a custom autograd.Function's name (`steps=True` graphs only)
+    line: str = ""  # the user's line that created it in the forward: `line 3`, `util.py:14`
+    code: str = ""  # that line's code, stripped
 
     @property
     def saved(self) -> tuple[tuple[str, str], ...]:
@@ -101,6 +103,9 @@ class GraphSnapshot:
     flow_order: list[int] = field(default_factory=list)  # nodes in the order the engine ran them
     flow_nonfinite: list[int] = field(default_factory=list)  # received NaN/Inf, in that order
     modules: list[ModuleCall] = field(default_factory=list)
+    # node id -> (a variable holding its output, "-inf", "NaN and inf"...): outputs the user's
+    # namespace held, found non-finite as the backward began.
+    forward_nonfinite: dict[int, tuple[str, str]] = field(default_factory=dict)
     repeat_of: GraphSnapshot | None = field(default=None, repr=False)  # same structure, earlier
     folded: bool = False  # nodes, edges and flow dropped: drawn from `repeat_of`
 
@@ -173,6 +178,12 @@ class GraphSnapshot:
     def first_nonfinite_op(self) -> str | None:
         """The op whose backward first produced a NaN or Inf gradient, e.g. `LogBackward0`:
         it received finite gradients and sent a non-finite one on."""
+        nid = self.first_nonfinite_node
+        return None if nid is None else self.nodes[nid].op
+
+    @property
+    def first_nonfinite_node(self) -> int | None:
+        """The id of the node `first_nonfinite_op` names."""
         if not self.flow_nonfinite:
             return None
         bad = set(self.flow_nonfinite)
@@ -181,7 +192,16 @@ class GraphSnapshot:
         if not senders:
             return None  # it was handed over non-finite from the start (the `gradient=`)
         ran = {nid: k for k, nid in enumerate(self.flow_order)}
-        return self.nodes[min(senders, key=lambda nid: ran.get(nid, 0))].op
+        return min(senders, key=lambda nid: ran.get(nid, 0))
+
+    @property
+    def forward_origin(self) -> tuple[GraphNode, str, str] | None:
+        """The earliest op (by creation) whose output was non-finite in the forward, with
+        the variable that held it and what it held; None when the namespace held none."""
+        if not self.forward_nonfinite:
+            return None
+        nid = min(self.forward_nonfinite, key=lambda k: self.nodes[k].seq or 0)
+        return (self.nodes[nid], *self.forward_nonfinite[nid])
 
     def chain(self, call: int | None) -> list[int]:
         """Module calls from the outermost down to `call`."""

@@ -13,6 +13,7 @@ from .data import Edge, GraphNode, GraphSnapshot, flow_text, is_compiled_op
 from .modules import ModuleSpans
 from .snapshot import gc_paused, snapshot, start_node
 
+SMALL_GRAPH_OPS = 30  # graphs up to this many ops say each op's line on its label
 _MAX_SAVED_LINES = 4  # saved values shown per op; the rest is counted
 
 if TYPE_CHECKING:
@@ -350,6 +351,12 @@ class _Drawing:
                 saved = saved[: _MAX_SAVED_LINES - 1] + [f"+{more} more saved"]
             lines += [n.op, *saved]
             attrs = self.style("root" if n.is_root else "op")
+            if n.line:
+                # Where the forward created it: on the label of small graphs, always in the
+                # tooltip (`line 3: q = torch.log(p)`).
+                if self.snap.n_ops <= SMALL_GRAPH_OPS:
+                    lines.append(n.line)
+                attrs["tooltip"] = _esc(f"{n.op} from {n.line}: {n.code}" if n.code else n.line)
             if is_compiled_op(n.op):
                 lines += self.compiled(n, attrs)
         lines += self.summed.get(n.id, [])

@@ -1,0 +1,245 @@
+"""`SourceLines`: the line of the user's code that created each autograd node.
+
+Every node the forward creates takes the thread's next autograd sequence number.
+A trace function on the user's own frames (the cell, the script, helper functions
+outside libraries) notes that number at each line it runs and as each helper
+returns: the nodes numbered from one note to the next were created by the line of
+the first. No tensor is touched and no mode entered, so nothing PyTorch computes
+changes; anomaly mode, which would also know the lines, raises on NaN and is not
+used.
+
+Library frames get no local trace, and the trace is off inside `nn.Module` calls
+and optimizer steps (`hold`), like the naming hook: an op inside `model(x)` is
+credited to the line that called the model. When another trace function is
+installed (a debugger, coverage) it stays alone and no line is known. With
+`budget`, the trace stops once the block has created that many autograd nodes:
+nodes made after that have no line.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import linecache
+import os
+import re
+import sys
+from typing import Any, NamedTuple
+
+from .. import _engine
+from .names import _is_library_file
+
+DEFAULT_BUDGET = 10_000  # autograd nodes a block may create with lines traced, by default
+
+_SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+# IPython's names for a cell's code: `<ipython-input-3-…>` in a terminal, a file under
+# `ipykernel_<pid>/` in a kernel.
+_CELL_FILE = re.compile(r"^<ipython-input-|[\\/]ipykernel_\d+[\\/]\d+\.py$")
+
+
+class Where(NamedTuple):
+    """Where a node was created: a line of the block's cell, or `file:line` of a helper."""
+
+    file: str
+    line: int
+    in_cell: bool
+    cell_line: int | None  # the cell's line that called the helper, when known
+
+    @property
+    def label(self) -> str:
+        """`line 3`, or `helpers.py:14` (`helpers.py:14, from line 3` under a cell line)."""
+        if self.in_cell:
+            return f"line {self.line}"
+        here = f"{os.path.basename(self.file)}:{self.line}"
+        return f"{here}, from line {self.cell_line}" if self.cell_line else here
+
+    def code(self, source: str | None = None) -> str:
+        """The line's code, stripped ("" when it cannot be read)."""
+        if self.in_cell and source is not None:
+            lines = source.splitlines()
+            text = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        else:
+            text = linecache.getline(self.file, self.line)
+        return text.strip()
+
+
+class Holds:
+    """Hold several hooks off together (the naming hook and the line trace)."""
+
+    def __init__(self, *hooks: Any) -> None:
+        self.hooks = hooks
+
+    def hold(self, key: object) -> None:
+        for hook in self.hooks:
+            hook.hold(key)
+
+    def release(self, key: object) -> None:
+        for hook in self.hooks:
+            hook.release(key)
+
+
+class SourceLines:
+    """The trace function of one block, and the notes it took."""
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        budget: int | None = DEFAULT_BUDGET,
+        source: str | None = None,
+        errors: list[str] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.budget = budget
+        self.source = source
+        self.errors = errors
+        self.stopped = False  # the budget ran out: later nodes have no line
+        self._counter = _engine.sequence_counter()
+        self._seqs: list[int] = []  # sequence numbers at each note, non-decreasing
+        self._where: list[Where | None] = []
+        self._start = 0
+        self._user: dict[Any, bool] = {}
+        self._cell_files: dict[str, bool] = {}
+        self._cell_line: int | None = None
+        self._installed = False
+        self._holds: set[object] = set()
+        self._held_off = False
+        self.entry_frame: Any = None  # set by `watch()`: the frame running the block
+        self._frame: Any = None
+        self._frame_trace: Any = None
+
+    # -- the trace function ------------------------------------------------------------------
+    def _is_user(self, code: Any) -> bool:
+        user = self._user.get(code)
+        if user is None:
+            user = not _is_library_file(code.co_filename) and not (code.co_flags & _SUSPENDABLE)
+            self._user[code] = user
+        return user
+
+    def _is_cell(self, filename: str) -> bool:
+        cell = self._cell_files.get(filename)
+        if cell is None:
+            cell = bool(_CELL_FILE.search(filename))
+            if not cell and self.source is not None:
+                cell = "".join(linecache.getlines(filename)) == self.source
+            self._cell_files[filename] = cell
+        return cell
+
+    def _global(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "call" and self._is_user(frame.f_code):
+            return self._local
+        return None
+
+    def _local(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            self._note(frame.f_code.co_filename, frame.f_lineno)
+        elif event == "return":
+            caller = frame.f_back
+            if caller is not None and self._is_user(caller.f_code):
+                self._note(caller.f_code.co_filename, caller.f_lineno)
+        return self._local
+
+    def _note(self, filename: str, line: int) -> None:
+        try:
+            seq = self._counter()
+            if self.budget is not None and seq - self._start > self.budget:
+                self._stop(seq)
+                return
+            cell = self._is_cell(filename)
+            if cell:
+                self._cell_line = line
+            where = Where(filename, line, cell, None if cell else self._cell_line)
+            if self._seqs and self._seqs[-1] == seq:
+                self._where[-1] = where  # the line before created no node
+            else:
+                self._seqs.append(seq)
+                self._where.append(where)
+        except Exception as exc:  # noqa: BLE001 - never into the user's code
+            self._stop(None)
+            if self.errors is not None:
+                self.errors.append(f"line trace: {type(exc).__name__}: {exc}")
+
+    def _stop(self, seq: int | None) -> None:
+        self.stopped = True
+        if seq is not None:
+            self._seqs.append(seq)
+            self._where.append(None)
+        self._uninstall()
+
+    # -- looking up ------------------------------------------------------------------------------
+    def where(self, seq: int | None) -> Where | None:
+        """The line that created the node numbered `seq`; None when not known."""
+        if seq is None or seq < self._start or not self._seqs:
+            return None
+        k = bisect.bisect_right(self._seqs, seq) - 1
+        return self._where[k] if k >= 0 else None
+
+    def code(self, where: Where) -> str:
+        return where.code(self.source if self._is_cell(where.file) else None)
+
+    # -- on and off ------------------------------------------------------------------------------
+    def hold(self, key: object) -> None:
+        """Off until `release(key)` (inside module calls, optimizer steps, gradmagic's work)."""
+        if key in self._holds:
+            return
+        self._holds.add(key)
+        if len(self._holds) == 1 and self._installed and sys.gettrace() == self._global:
+            sys.settrace(None)
+            self._held_off = True
+
+    def release(self, key: object) -> None:
+        if key not in self._holds:
+            return
+        self._holds.discard(key)
+        if not self._holds and self._held_off:
+            self._held_off = False
+            if self._installed and sys.gettrace() is None:
+                sys.settrace(self._global)
+
+    def enter(self, frame: Any = None) -> None:
+        """Start tracing; `frame`, already running (a script's `with watch():`), is traced too."""
+        if not self.enabled or self._counter is None or sys.gettrace() is not None:
+            self.enabled = False
+            return
+        self._start = self._counter()
+        if frame is not None and self._is_user(frame.f_code):
+            self._frame, self._frame_trace = frame, frame.f_trace
+            frame.f_trace = self._local
+            self._note(frame.f_code.co_filename, frame.f_lineno)
+        sys.settrace(self._global)
+        self._installed = True
+
+    def _uninstall(self) -> None:
+        if self._installed and sys.gettrace() == self._global:
+            sys.settrace(None)
+        self._installed = False
+        if self._frame is not None:
+            if self._frame.f_trace == self._local:
+                self._frame.f_trace = self._frame_trace
+            self._frame = self._frame_trace = None
+
+    def annotate(self, snap: Any) -> None:
+        """Write each op node's line (`line 3`) and its code into a graph snapshot."""
+        if not self._seqs:
+            return
+        for node in snap.nodes:
+            if node.kind == "op":
+                where = self.where(node.seq)
+                if where is not None:
+                    node.line = where.label
+                    node.code = self.code(where)
+
+    def __enter__(self) -> SourceLines:
+        frame, self.entry_frame = self.entry_frame, None
+        self.enter(frame)
+        del frame
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed and self._counter is not None:
+            # The nodes created after the last note, up to now, belong to its line;
+            # those created later do not.
+            self._seqs.append(self._counter())
+            self._where.append(None)
+        self._uninstall()
+        self._holds.clear()
+        self._held_off = False
