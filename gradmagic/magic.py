@@ -67,6 +67,7 @@ class GradMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.history = History()
+        self.last_report: Any = None  # the last %%grad report, for `%grad why NAME`
 
     @magic_arguments()
     @argument("-o", "--output", metavar="NAME", help="Store the report as NAME in the namespace.")
@@ -159,7 +160,27 @@ class GradMagics(Magics):
         "graphs ran (float64, fresh inputs of the recorded shapes; your tensors and random "
         "state are left alone) and say which backward disagrees with finite differences.",
     )
-    @argument("args", nargs="*", help="For the line magic: `reset`, or `history NAME`.")
+    @argument(
+        "--lines",
+        dest="lines",
+        action="store_const",
+        const=True,
+        default=None,
+        help="Record the line that created each op of the graph, however large the graph "
+        "(by default until the cell has created 10,000 autograd nodes).",
+    )
+    @argument(
+        "--no-lines",
+        dest="lines",
+        action="store_const",
+        const=False,
+        help="Do not record the lines that created the graph's ops.",
+    )
+    @argument(
+        "args",
+        nargs="*",
+        help="For the line magic: `reset`, `history NAME`, or `why NAME`.",
+    )
     @line_cell_magic
     def grad(self, line: str, cell: str | None = None) -> Any:
         """Show what the cell's backward passes did to every leaf's `.grad`.
@@ -205,6 +226,7 @@ class GradMagics(Magics):
             rank_timeout=args.rank_timeout,
             steps=args.steps,
             check=args.check,
+            lines=args.lines,
         ) as recorder:
             try:
                 self._execute(code, filename)
@@ -223,6 +245,7 @@ class GradMagics(Magics):
             if shown:
                 print(f"gradmagic could not build its report: {type(exc).__name__}: {exc}")
             return
+        self.last_report = report
         report.show_table = not args.graph_only
         report.show_graph = not args.no_graph
         if args.output:
@@ -251,8 +274,59 @@ class GradMagics(Magics):
             return None
         if len(words) == 2 and words[0] == "history":
             return self._history(words[1])
+        if words and words[0] == "why":
+            return self._why(words[1:])
         raise UsageError(
-            "%grad takes `reset` or `history NAME`; to watch a cell, use %%grad on its first line."
+            "%grad takes `reset`, `history NAME` or `why NAME`; to watch a cell, use %%grad on "
+            "its first line."
+        )
+
+    def _why(self, words: list[str]) -> Any:
+        if len(words) != 1:
+            raise UsageError("%grad why takes one name, the leaf to explain: `%grad why w`.")
+        name = words[0]
+        report = self.last_report
+        if report is None:
+            raise UsageError(
+                f"%grad why {name}: no %%grad cell has run yet; run one, then ask why."
+            )
+        known = {row.name for row in report.rows} | {n for row in report.rows for n in row.names}
+        if name not in known:
+            self._not_a_row(name, report)
+        try:
+            return report.why(name)
+        except ValueError as exc:
+            raise UsageError(f"%grad why {name}: {exc}") from None
+
+    def _not_a_row(self, name: str, report: Any) -> None:
+        """Say why `name` has no row: not a tensor, not a leaf, or not in the last cell."""
+        import torch
+
+        leaves = ", ".join(f"`{row.name}`" for row in report.rows) or "none"
+        value = self.shell.user_ns.get(name) if name.isidentifier() else None
+        if isinstance(value, torch.Tensor) and not value.is_leaf:
+            try:
+                op = type(value.grad_fn).__name__ if value.grad_fn is not None else ""
+            except Exception:  # noqa: BLE001 - a view whose grad_fn raises
+                op = ""
+            made = f" (made by `{op}`)" if op else ""
+            raise UsageError(
+                f"%grad why {name}: `{name}` is not a leaf: it was computed{made}, and "
+                f"backward keeps `.grad` only on leaves (call `{name}.retain_grad()` before "
+                f"backward to keep it). Leaves of the last report: {leaves}."
+            )
+        if (
+            name.isidentifier()
+            and name in self.shell.user_ns
+            and not isinstance(value, torch.Tensor)
+        ):
+            raise UsageError(
+                f"%grad why {name}: `{name}` is a {type(value).__name__}, not a tensor. "
+                f"Leaves of the last report: {leaves}."
+            )
+        raise UsageError(
+            f"%grad why {name}: the last %%grad report has no leaf named `{name}`; "
+            f"its leaves: {leaves}."
         )
 
     def _history(self, name: str) -> Any:

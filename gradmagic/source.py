@@ -55,6 +55,17 @@ class Cut(NamedTuple):
     code: str  # what it wrote: `model(x).detach()`, `w.data`, `with torch.no_grad():`
     tensor: str  # the expression cut: `model(x)`, `w` ("" for a block)
     line: int  # in the block's code, from 1
+    end: int = 0  # the last line of a `with` block
+    kind: str = ""  # "detach", "data", "requires_grad_", "no_grad", "integer cast"
+    names: frozenset[str] = frozenset()  # the names the cut expression (or block) reads
+
+
+INTEGER_CASTS = ("long", "int", "short", "byte", "char", "bool")
+INTEGER_DTYPES = re.compile(r"\b(u?int\d*|long|short|bool)\b")
+
+
+def _names(node: ast.AST) -> frozenset[str]:
+    return frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
 
 
 def cuts(source: str | None) -> list[Cut]:
@@ -64,18 +75,42 @@ def cuts(source: str | None) -> list[Cut]:
     found = []
     for node in ast.walk(_tree(source)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            attr = node.func.attr
+            attr, value = node.func.attr, node.func.value
             off = attr == "requires_grad_" and any(
                 isinstance(a, ast.Constant) and a.value is False for a in node.args
             )
-            if attr in ("detach", "detach_") or off:
-                found.append(Cut(ast.unparse(node), ast.unparse(node.func.value), node.lineno))
+            kind = "detach" if attr in ("detach", "detach_") else "requires_grad_" if off else ""
+            if not kind and (attr in INTEGER_CASTS and not node.args and not node.keywords):
+                kind = "integer cast"
+            to_integer = attr in ("to", "type") and node.args
+            if not kind and to_integer and INTEGER_DTYPES.search(ast.unparse(node.args[0])):
+                kind = "integer cast"
+            if kind:
+                found.append(
+                    Cut(
+                        ast.unparse(node),
+                        ast.unparse(value),
+                        node.lineno,
+                        kind=kind,
+                        names=_names(value),
+                    )
+                )
         elif isinstance(node, ast.Attribute) and node.attr == "data":
-            found.append(Cut(ast.unparse(node), ast.unparse(node.value), node.lineno))
+            found.append(
+                Cut(
+                    ast.unparse(node),
+                    ast.unparse(node.value),
+                    node.lineno,
+                    kind="data",
+                    names=_names(node.value),
+                )
+            )
         elif isinstance(node, ast.With):
             block = grad_off_block(node)
             if block:
-                found.append(Cut(f"with {block}:", "", node.lineno))
+                end = getattr(node, "end_lineno", None) or node.lineno
+                body = frozenset().union(*(_names(b) for b in node.body))
+                found.append(Cut(f"with {block}:", "", node.lineno, end, "no_grad", body))
     return sorted(found, key=lambda c: c.line)
 
 

@@ -76,7 +76,7 @@ def no_grad(block: BlockRecord) -> Iterator[Finding]:
             f"tensor that requires grad."
         )
     severity = "error" if failed else "warning"
-    found = cuts(block.source)
+    found = [c for c in cuts(block.source) if c.kind != "integer cast"]
     groups: dict[str, list[LeafRecord]] = {}
     for r in none:
         groups.setdefault(_reason(block, r, found), []).append(r)

@@ -330,6 +330,27 @@ class GradReport:
                 return row
         raise KeyError(f"No row named {name!r}; rows are: {', '.join(r.name for r in self.rows)}")
 
+    def why(self, name: str) -> Any:
+        """Why the leaf `name` got the gradient it got: the path from the loss to it with the
+        lines that made each op, where that path was cut and by what, which op made an
+        all-zero gradient zero, where a NaN or Inf came from.
+
+        >>> rep.why("w")  # doctest: +SKIP
+        `w` required grad but received none: the path from the loss to it is cut at line 4: ...
+        """
+        from ..findings.why import UnknownName, explain
+        from .why import WhyView
+
+        if not isinstance(name, str):
+            raise TypeError(f"why() takes the name of a leaf as a string, not {name!r}.")
+        if self.block is None:
+            raise ValueError("This report keeps no records to explain.")
+        try:
+            with _engine.quiet():
+                return WhyView(name, explain(self.block, name))
+        except UnknownName as exc:
+            raise ValueError(str(exc)) from None
+
     def shown_rows(self) -> tuple[list[LeafRow], int]:
         """The rows to draw (problems first, then table order) and how many were left out."""
         if len(self.rows) <= MAX_SHOWN_ROWS:
