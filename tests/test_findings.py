@@ -127,7 +127,8 @@ def test_log_of_zero_gives_an_infinite_gradient(ip):
     assert finding.severity == "error" and finding.tensors == ("w",)
     assert finding.message == (
         "`w.grad` has 1 Inf (of 1 element): the first non-finite gradient came out of "
-        "`LogBackward0`: likely `log` at 0 (its gradient is 1/x)."
+        "`LogBackward0` at line 2: `torch.log(w).sum().backward()`: likely `log` at 0 (its "
+        "gradient is 1/x)."
     )
     assert rep.table.loc["w", "status"] == "nan/inf"
     # Without the graph's gradient flow there is no first op to name: the cause stays general.

@@ -162,7 +162,7 @@ def test_line_magic_reset_and_unknown(ip, capsys):
     ip.run("%%grad -q -o rep\n(100 * x).sum().backward()\n")
     # History forgotten: the stale gradient is still accumulated, its origin unknown.
     assert ip.ns["rep"].table.loc["x", "runs"] == 2
-    with pytest.raises(UsageError, match="takes `reset` or `history NAME`"):
+    with pytest.raises(UsageError, match="takes `reset`, `history NAME` or `why NAME`"):
         ip.shell.run_line_magic("grad", "frob")
 
 

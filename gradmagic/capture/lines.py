@@ -38,24 +38,30 @@ _CELL_FILE = re.compile(r"^<ipython-input-|[\\/]ipykernel_\d+[\\/]\d+\.py$")
 
 
 class Where(NamedTuple):
-    """Where a node was created: a line of the block's cell, or `file:line` of a helper."""
+    """Where a node was created: a line of the watched cell, of another cell, or of a file."""
 
     file: str
     line: int
-    in_cell: bool
-    cell_line: int | None  # the cell's line that called the helper, when known
+    kind: str  # "block" (the watched cell or script), "cell" (another cell), "file"
+    func: str  # the function running the line (`<module>` at top level)
+    cell_line: int | None  # the watched block's line that called it, when known
 
     @property
     def label(self) -> str:
-        """`line 3`, or `helpers.py:14` (`helpers.py:14, from line 3` under a cell line)."""
-        if self.in_cell:
+        """`line 3`; `line 2 of `f` (another cell)`; `util.py:14 in `f`, from line 3`."""
+        if self.kind == "block":
             return f"line {self.line}"
-        here = f"{os.path.basename(self.file)}:{self.line}"
+        if self.kind == "cell":
+            here = f"line {self.line} of `{self.func}` (another cell)"
+        else:
+            here = f"{os.path.basename(self.file)}:{self.line}"
+            if self.func != "<module>":
+                here += f" in `{self.func}`"
         return f"{here}, from line {self.cell_line}" if self.cell_line else here
 
     def code(self, source: str | None = None) -> str:
         """The line's code, stripped ("" when it cannot be read)."""
-        if self.in_cell and source is not None:
+        if self.kind == "block" and source is not None:
             lines = source.splitlines()
             text = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
         else:
@@ -98,7 +104,8 @@ class SourceLines:
         self._where: list[Where | None] = []
         self._start = 0
         self._user: dict[Any, bool] = {}
-        self._cell_files: dict[str, bool] = {}
+        self._cell_files: dict[str, str] = {}
+        self._block_file: str | None = None  # the file of the watched code
         self._cell_line: int | None = None
         self._installed = False
         self._holds: set[object] = set()
@@ -115,14 +122,19 @@ class SourceLines:
             self._user[code] = user
         return user
 
-    def _is_cell(self, filename: str) -> bool:
-        cell = self._cell_files.get(filename)
-        if cell is None:
-            cell = bool(_CELL_FILE.search(filename))
-            if not cell and self.source is not None:
-                cell = "".join(linecache.getlines(filename)) == self.source
-            self._cell_files[filename] = cell
-        return cell
+    def _kind(self, filename: str) -> str:
+        """ "block" for the watched code's own file, "cell" for another IPython cell, "file"."""
+        kind = self._cell_files.get(filename)
+        if kind is None:
+            known = self._block_file is None and self.source is not None
+            if known and "".join(linecache.getlines(filename)) == self.source:
+                self._block_file = filename
+            if filename == self._block_file:
+                kind = "block"
+            else:
+                kind = "cell" if _CELL_FILE.search(filename) else "file"
+            self._cell_files[filename] = kind
+        return kind
 
     def _global(self, frame: Any, event: str, arg: Any) -> Any:
         if event == "call" and self._is_user(frame.f_code):
@@ -131,23 +143,25 @@ class SourceLines:
 
     def _local(self, frame: Any, event: str, arg: Any) -> Any:
         if event == "line":
-            self._note(frame.f_code.co_filename, frame.f_lineno)
+            self._note(frame.f_code, frame.f_lineno)
         elif event == "return":
             caller = frame.f_back
             if caller is not None and self._is_user(caller.f_code):
-                self._note(caller.f_code.co_filename, caller.f_lineno)
+                self._note(caller.f_code, caller.f_lineno)
         return self._local
 
-    def _note(self, filename: str, line: int) -> None:
+    def _note(self, code: Any, line: int) -> None:
         try:
             seq = self._counter()
             if self.budget is not None and seq - self._start > self.budget:
                 self._stop(seq)
                 return
-            cell = self._is_cell(filename)
-            if cell:
+            filename = code.co_filename
+            kind = self._kind(filename)
+            if kind == "block":
                 self._cell_line = line
-            where = Where(filename, line, cell, None if cell else self._cell_line)
+            cell_line = None if kind == "block" else self._cell_line
+            where = Where(filename, line, kind, code.co_name, cell_line)
             if self._seqs and self._seqs[-1] == seq:
                 self._where[-1] = where  # the line before created no node
             else:
@@ -174,7 +188,7 @@ class SourceLines:
         return self._where[k] if k >= 0 else None
 
     def code(self, where: Where) -> str:
-        return where.code(self.source if self._is_cell(where.file) else None)
+        return where.code(self.source)
 
     # -- on and off ------------------------------------------------------------------------------
     def hold(self, key: object) -> None:
@@ -204,7 +218,9 @@ class SourceLines:
         if frame is not None and self._is_user(frame.f_code):
             self._frame, self._frame_trace = frame, frame.f_trace
             frame.f_trace = self._local
-            self._note(frame.f_code.co_filename, frame.f_lineno)
+            if _CELL_FILE.search(frame.f_code.co_filename):  # `with watch():` in a cell
+                self._block_file = frame.f_code.co_filename
+            self._note(frame.f_code, frame.f_lineno)
         sys.settrace(self._global)
         self._installed = True
 

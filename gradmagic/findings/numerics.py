@@ -84,7 +84,9 @@ def nan_inf(block: BlockRecord) -> Iterator[Finding]:
         parts.append(f"{len(bad) - 4} more leaves too")
     node = _first_nonfinite_op(block)
     origin = _forward_origin(block)
-    if origin is not None:
+    if origin is not None and (node is None or (origin[0].seq or 0) < (node.seq or 0)):
+        # A variable held the op's output non-finite, and that op ran in the forward before
+        # the one whose backward first sent NaN/Inf: the forward value is where it began.
         made, variable, what = origin
         why = (
             f"the forward value was already {what}{at_line(made) or f' in `{made.op}`'} "

@@ -247,7 +247,7 @@ def explain(block: BlockRecord, name: str) -> list[str]:
         if r.status == "nan/inf":
             origin = _forward_origin(block)
             node = _first_nonfinite_op(block)
-            if origin is not None:
+            if origin is not None and (node is None or (origin[0].seq or 0) < (node.seq or 0)):
                 made, variable, what = origin
                 where = at_line(made) or f" in `{made.op}`"
                 out.append(

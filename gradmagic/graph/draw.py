@@ -351,7 +351,7 @@ class _Drawing:
                 saved = saved[: _MAX_SAVED_LINES - 1] + [f"+{more} more saved"]
             lines += [n.op, *saved]
             attrs = self.style("root" if n.is_root else "op")
-            if n.line:
+            if n.line and not is_compiled_op(n.op):
                 # Where the forward created it: on the label of small graphs, always in the
                 # tooltip (`line 3: q = torch.log(p)`).
                 if self.snap.n_ops <= SMALL_GRAPH_OPS:
