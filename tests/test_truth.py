@@ -317,8 +317,8 @@ def test_a_cut_is_named_as_a_cut_not_as_an_unused_tensor(ip):
     finding = _finding(rep, "no-grad")
     assert finding.tensors == ("w",)
     assert finding.message == (
-        "`w` required grad but received none: no gradient path from the loss reaches it: "
-        "the cell cuts the graph with `(w * 2).detach()` (line 2)."
+        "`w` required grad but received none: the path from the loss to it is cut at line 2: "
+        "`(w * 2).detach()`: `.detach()` returns a tensor without a graph."
     )
     assert torch.equal(rep["v"].after, torch.tensor([2.0, 4.0]))
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from collections.abc import Iterator
 
 from ..records import BlockRecord, LeafRecord, rows
-from ..source import Cut, cuts, grad_off_blocks
+from ..source import Cut, cuts, grad_off_blocks, parse_source
 from ._base import Finding, call, errors, listing, root, rule
 
 NO_GRAD_ERROR = "does not require grad and does not have a grad_fn"
@@ -31,6 +33,63 @@ def _cut_text(found: list[Cut]) -> str:
     )
 
 
+CUT_WORDS = {
+    "detach": "`.detach()` returns a tensor without a graph",
+    "data": "`.data` is the tensor without its graph",
+    "requires_grad_": "`requires_grad_(False)` stops autograd from tracking it",
+    "integer cast": "an integer tensor carries no gradient",
+}
+
+
+def leaf_variable(name: str) -> str:
+    return re.split(r"[.\[ ]", name, maxsplit=1)[0]
+
+
+def _derived(source: str | None, start: str) -> set[str]:
+    """The variables the code computes from `start`, directly or through others."""
+    parsed = parse_source(source or "")
+    derived = {start}
+    if parsed is None:
+        return derived
+    for node in ast.walk(parsed.tree):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value:
+            reads = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
+            if reads & derived:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    derived |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return derived
+
+
+def cut_for(block: BlockRecord, r: LeafRecord) -> tuple[Cut, str] | None:
+    """The cut of the code that the leaf's value goes through, and what it holds of it."""
+    found = cuts(block.source)
+    names = {r.name, *r.names}
+    for cut in found:
+        if cut.tensor in names:
+            return cut, cut.tensor
+    variables = {leaf_variable(n) for n in names}
+    for variable in variables:
+        derived = _derived(block.source, variable)
+        for cut in found:
+            hit = cut.names & derived
+            if hit:
+                return cut, variable if variable in hit else sorted(hit)[0]
+    return None
+
+
+def cut_text(cut: Cut, via: str, leaf: str) -> str:
+    if cut.kind == "no_grad":
+        lines = f"line {cut.line}" if cut.end <= cut.line else f"lines {cut.line}-{cut.end}"
+        return (
+            f"the path from the loss to it is cut by a `{cut.code.removeprefix('with ')[:-1]}` "
+            f"block at {lines}: what it computes there from `{leaf}` has no graph"
+        )
+    words = CUT_WORDS.get(cut.kind, "")
+    through = f" (`{via}` is computed from `{leaf}`)" if via != leaf else ""
+    return f"the path from the loss to it is cut at line {cut.line}: `{cut.code}`{through}: {words}"
+
+
 def _reason(block: BlockRecord, r: LeafRecord, found: list[Cut]) -> str:
     """Why this leaf got no gradient, saying no more than the records show."""
     module = next((m for m in block.modules if m.name == r.owner), None)
@@ -52,6 +111,9 @@ def _reason(block: BlockRecord, r: LeafRecord, found: list[Cut]) -> str:
     own = [c for c in found if c.tensor in r.names]
     if own:
         return f"the cell uses `{own[0].code}`, which cuts it from the graph"
+    hit = cut_for(block, r)
+    if hit is not None:
+        return cut_text(hit[0], hit[1], leaf_variable(r.name))
     if found:
         return (
             f"no gradient path from the loss reaches it: the cell cuts the graph with "

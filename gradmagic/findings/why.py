@@ -7,7 +7,6 @@ received), the cuts the block's code makes (`source.cuts`), and the optimizer st
 
 from __future__ import annotations
 
-import ast
 import re
 from collections import deque
 from typing import Any
@@ -17,8 +16,8 @@ import torch
 from .. import stats
 from ..graph.data import GraphNode, GraphSnapshot, flow_text
 from ..records import BackwardRecord, BlockRecord, LeafRecord, rows
-from ..source import Cut, cuts, parse_source
-from .missing import _reason
+from ..source import cuts
+from .missing import _reason, cut_for, cut_text, leaf_variable
 from .numerics import _first_nonfinite_op, _forward_origin, at_line
 
 # What an op that received a gradient and passed on zeros did, by the name of its node.
@@ -40,13 +39,6 @@ ZEROING = {
     "Where": "the condition sends every element that received a gradient to the other branch",
     "Clamp": "every element was outside the clamp's range, where its slope is 0",
     "Hardtanh": "every element was outside (-1, 1), where its slope is 0",
-}
-
-CUT_WORDS = {
-    "detach": "`.detach()` returns a tensor without a graph",
-    "data": "`.data` is the tensor without its graph",
-    "requires_grad_": "`requires_grad_(False)` stops autograd from tracking it",
-    "integer cast": "an integer tensor carries no gradient",
 }
 
 
@@ -175,63 +167,14 @@ def _zeroing(snap: GraphSnapshot, path: list[int]) -> str:
     return "no op along the path received a nonzero gradient and passed on zeros"
 
 
-def _leaf_variable(name: str) -> str:
-    return re.split(r"[.\[ ]", name, maxsplit=1)[0]
-
-
-def _derived(source: str | None, start: str) -> set[str]:
-    """The variables the code computes from `start`, directly or through others."""
-    parsed = parse_source(source or "")
-    derived = {start}
-    if parsed is None:
-        return derived
-    for node in ast.walk(parsed.tree):
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value:
-            reads = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
-            if reads & derived:
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                for target in targets:
-                    derived |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
-    return derived
-
-
-def _cut_for(block: BlockRecord, r: LeafRecord) -> tuple[Cut, str] | None:
-    """The cut of the code that the leaf's value goes through, and what it holds of it."""
-    found = cuts(block.source)
-    names = {r.name, *r.names}
-    for cut in found:
-        if cut.tensor in names:
-            return cut, cut.tensor
-    variables = {_leaf_variable(n) for n in names}
-    for variable in variables:
-        derived = _derived(block.source, variable)
-        for cut in found:
-            hit = cut.names & derived
-            if hit:
-                return cut, sorted(hit)[0]
-    return None
-
-
-def _cut_text(cut: Cut, via: str, leaf: str) -> str:
-    if cut.kind == "no_grad":
-        lines = f"line {cut.line}" if cut.end <= cut.line else f"lines {cut.line}-{cut.end}"
-        return (
-            f"the path from the loss to it is cut by a `{cut.code.removeprefix('with ')[:-1]}` "
-            f"block at {lines}: what it computes from `{via}` has no graph"
-        )
-    words = CUT_WORDS.get(cut.kind, "")
-    through = f" (`{via}` is computed from `{leaf}`)" if via != leaf else ""
-    return f"the path from the loss to it is cut at line {cut.line}: `{cut.code}`{through}: {words}"
-
-
 def explain(block: BlockRecord, name: str) -> list[str]:
     """Sentences that explain the gradient of the leaf `name` in this block."""
     r = find_row(block, name)
     shown = f"`{r.name}`"
     if r.status == "none":
-        hit = _cut_for(block, r)
+        hit = cut_for(block, r)
         if hit is not None:
-            reason = _cut_text(hit[0], hit[1], _leaf_variable(r.name))
+            reason = cut_text(hit[0], hit[1], leaf_variable(r.name))
         else:
             cut_free = [c for c in cuts(block.source) if c.kind != "integer cast"]
             reason = _reason(block, r, cut_free)
