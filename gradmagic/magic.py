@@ -315,11 +315,13 @@ class GradMagics(Magics):
                 f"backward keeps `.grad` only on leaves (call `{name}.retain_grad()` before "
                 f"backward to keep it). Leaves of the last report: {leaves}."
             )
-        if (
-            name.isidentifier()
-            and name in self.shell.user_ns
-            and not isinstance(value, torch.Tensor)
-        ):
+        if isinstance(value, torch.Tensor) and not value.requires_grad:
+            raise UsageError(
+                f"%grad why {name}: `{name}` does not require grad, so autograd gives it no "
+                f"gradient (make it with `requires_grad=True`). Leaves of the last report: "
+                f"{leaves}."
+            )
+        if name in self.shell.user_ns and not isinstance(value, torch.Tensor):
             raise UsageError(
                 f"%grad why {name}: `{name}` is a {type(value).__name__}, not a tensor. "
                 f"Leaves of the last report: {leaves}."

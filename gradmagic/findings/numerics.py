@@ -65,6 +65,27 @@ def at_line(node: Any) -> str:
     return f" at {node.line}: `{node.code}`" if node.code else f" at {node.line}"
 
 
+def forward_origin_text(origin: tuple[Any, str, str]) -> str:
+    """`the forward value was already -inf at line 2: `q = torch.log(p)` (...)`."""
+    made, variable, what = origin
+    where = at_line(made) or f" in `{made.op}`"
+    return (
+        f"the forward value was already {what}{where} (`{variable}` held {what} when backward ran)"
+    )
+
+
+def backward_text(node: Any, made: Any, general: bool = False) -> str:
+    """Which op's backward first sent a NaN or Inf, where, and what likely did it."""
+    cause = NONFINITE_CAUSES.get(re.sub(r"Backward\d*$", "", node.op))
+    where = " there" if made is not None and node.id == made.id else at_line(node)
+    text = f"the first non-finite gradient came out of `{node.op}`{where}"
+    if cause:
+        return f"{text}: likely {cause}"
+    if general:
+        return f"{text}: look at its inputs (a forward value that is already NaN or Inf gives one)"
+    return text
+
+
 @rule
 def nan_inf(block: BlockRecord) -> Iterator[Finding]:
     bad = [r for r in rows(block) if r.status == "nan/inf"]
@@ -84,25 +105,12 @@ def nan_inf(block: BlockRecord) -> Iterator[Finding]:
         parts.append(f"{len(bad) - 4} more leaves too")
     node = _first_nonfinite_op(block)
     origin = _forward_origin(block)
-    if origin is not None and (node is None or (origin[0].seq or 0) < (node.seq or 0)):
-        # A variable held the op's output non-finite, and that op ran in the forward before
-        # the one whose backward first sent NaN/Inf: the forward value is where it began.
-        made, variable, what = origin
-        why = (
-            f"the forward value was already {what}{at_line(made) or f' in `{made.op}`'} "
-            f"(`{variable}` held {what} when backward ran)"
-        )
-        if node is not None:
-            why += f"; the first non-finite gradient came out of `{node.op}`{at_line(node)}"
+    if origin is not None and (node is None or (origin[0].seq or 0) <= (node.seq or 0)):
+        # A variable held the op's output non-finite, and that op ran in the forward no later
+        # than the one whose backward first sent NaN/Inf: the forward value is where it began.
+        why = forward_origin_text(origin) + (f"; {backward_text(node, origin[0])}" if node else "")
     elif node is not None:
-        op = node.op
-        cause = NONFINITE_CAUSES.get(re.sub(r"Backward\d*$", "", op))
-        likely = (
-            f"likely {cause}"
-            if cause
-            else "look at its inputs (a forward value that is already NaN or Inf gives one)"
-        )
-        why = f"the first non-finite gradient came out of `{op}`{at_line(node)}: {likely}"
+        why = backward_text(node, None, general=True)
     else:
         why = (
             f"an operation between the loss and {'it' if len(bad) == 1 else 'them'} produced a "

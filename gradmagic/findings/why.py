@@ -17,8 +17,14 @@ from .. import stats
 from ..graph.data import GraphNode, GraphSnapshot, flow_text
 from ..records import BackwardRecord, BlockRecord, LeafRecord, rows
 from ..source import cuts
-from .missing import _reason, cut_for, cut_text, leaf_variable
-from .numerics import _first_nonfinite_op, _forward_origin, at_line
+from .missing import _reason
+from .numerics import (
+    _first_nonfinite_op,
+    _forward_origin,
+    at_line,
+    backward_text,
+    forward_origin_text,
+)
 
 # What an op that received a gradient and passed on zeros did, by the name of its node.
 ZEROING = {
@@ -172,12 +178,8 @@ def explain(block: BlockRecord, name: str) -> list[str]:
     r = find_row(block, name)
     shown = f"`{r.name}`"
     if r.status == "none":
-        hit = cut_for(block, r)
-        if hit is not None:
-            reason = cut_text(hit[0], hit[1], leaf_variable(r.name))
-        else:
-            cut_free = [c for c in cuts(block.source) if c.kind != "integer cast"]
-            reason = _reason(block, r, cut_free)
+        found = [c for c in cuts(block.source) if c.kind != "integer cast"]
+        reason = _reason(block, r, found)  # the finding's own words
         return [f"{shown} required grad but received none: {reason}."]
     found = _graph_of(block, r.key)
     out = []
@@ -190,18 +192,10 @@ def explain(block: BlockRecord, name: str) -> list[str]:
         if r.status == "nan/inf":
             origin = _forward_origin(block)
             node = _first_nonfinite_op(block)
-            if origin is not None and (node is None or (origin[0].seq or 0) < (node.seq or 0)):
-                made, variable, what = origin
-                where = at_line(made) or f" in `{made.op}`"
-                out.append(
-                    f"It holds NaN or Inf: the forward value was already {what}{where} "
-                    f"(`{variable}` held {what} when backward ran)."
-                )
+            if origin is not None and (node is None or (origin[0].seq or 0) <= (node.seq or 0)):
+                out.append(f"It holds NaN or Inf: {forward_origin_text(origin)}.")
             elif node is not None:
-                out.append(
-                    f"It holds NaN or Inf: the first non-finite gradient came out of "
-                    f"`{node.op}`{at_line(node)}."
-                )
+                out.append(f"It holds NaN or Inf: {backward_text(node, None, general=True)}.")
         elif _is_zero(r.after):
             out.append(f"It is all zero: {_zeroing(snap, path)}.")
     if r.backwards and block.steps and not r.optimizer:
