@@ -401,16 +401,17 @@ class Recorder:
                     or not value.requires_grad
                     or value.is_leaf
                     or value.is_meta
+                    or value.layout != torch.strided
                     or value.numel() > FORWARD_CHECK_NUMEL
                 ):
                     continue
                 try:
                     nid = ids.get(id(value.grad_fn))
-                except Exception:  # noqa: BLE001 - a view whose grad_fn raises: not ours
+                    if nid is None or nid in snap.forward_nonfinite:
+                        continue
+                    what = stats.nonfinite_words(value)
+                except Exception:  # noqa: BLE001 - a view whose grad_fn raises: not ours to say
                     continue
-                if nid is None or nid in snap.forward_nonfinite:
-                    continue
-                what = stats.nonfinite_words(value)
                 if what:
                     snap.forward_nonfinite[nid] = (key, what)
 
