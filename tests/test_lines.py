@@ -170,6 +170,35 @@ def test_a_trace_function_of_the_users_is_left_alone():
     assert torch.equal(w.grad, torch.tensor([2.0, 4.0]))
 
 
+def _tripled(t):
+    return t * 3
+
+
+def test_code_running_untraced_gets_no_line_rather_than_a_wrong_one():
+    # Entered through a library's frame (as `gradmagic run` enters its blocks): the frame
+    # running this test was not traced, so only the helper's own line is known.
+    import contextlib
+
+    p = torch.tensor([1.0, 2.0], requires_grad=True)
+    stack = contextlib.ExitStack()
+    rec = stack.enter_context(gradmagic.watch({"p": p}))
+    q = torch.exp(p)
+    loss = _tripled(q).sum()
+    extra = loss * 2
+    extra.backward()
+    stack.close()
+    line = _tripled.__code__.co_firstlineno + 1
+    snap = rec.report().block.backwards[0].graph
+    made = [(n.op, n.line) for n in sorted(snap.nodes, key=lambda n: n.seq or 0) if n.op]
+    assert made == [
+        ("ExpBackward0", ""),
+        ("MulBackward0", f"test_lines.py:{line} in `_tripled`"),
+        ("SumBackward0", ""),
+        ("MulBackward0", ""),
+    ]
+    assert sys.gettrace() is None
+
+
 SCRIPT = """\
 import torch
 import gradmagic

@@ -110,6 +110,7 @@ class SourceLines:
         self._installed = False
         self._holds: set[object] = set()
         self._held_off = False
+        self._tracer = self._local  # one bound method: frames traced by it are told by `is`
         self.entry_frame: Any = None  # set by `watch()`: the frame running the block
         self._frame: Any = None
         self._frame_trace: Any = None
@@ -138,39 +139,53 @@ class SourceLines:
 
     def _global(self, frame: Any, event: str, arg: Any) -> Any:
         if event == "call" and self._is_user(frame.f_code):
-            return self._local
+            return self._tracer
         return None
 
     def _local(self, frame: Any, event: str, arg: Any) -> Any:
         if event == "line":
             self._note(frame.f_code, frame.f_lineno)
         elif event == "return":
+            # Back in the caller: its current line makes what follows. A caller that is not
+            # traced (a library's, or one that was running before the trace began) says no
+            # line; the nearest traced frame above it is the line that called it all.
             caller = frame.f_back
-            if caller is not None and self._is_user(caller.f_code):
+            while caller is not None and caller.f_trace is not self._tracer:
+                caller = caller.f_back
+            if caller is None:
+                self._note(None, 0)
+            else:
                 self._note(caller.f_code, caller.f_lineno)
-        return self._local
+            del caller
+        return self._tracer
 
     def _note(self, code: Any, line: int) -> None:
+        """From now on, nodes are made by `line` of `code` (None: by a line not known)."""
         try:
             seq = self._counter()
             if self.budget is not None and seq - self._start > self.budget:
                 self._stop(seq)
+                return
+            if code is None:
+                self._add(seq, None)
                 return
             filename = code.co_filename
             kind = self._kind(filename)
             if kind == "block":
                 self._cell_line = line
             cell_line = None if kind == "block" else self._cell_line
-            where = Where(filename, line, kind, code.co_name, cell_line)
-            if self._seqs and self._seqs[-1] == seq:
-                self._where[-1] = where  # the line before created no node
-            else:
-                self._seqs.append(seq)
-                self._where.append(where)
+            self._add(seq, Where(filename, line, kind, code.co_name, cell_line))
         except Exception as exc:  # noqa: BLE001 - never into the user's code
             self._stop(None)
             if self.errors is not None:
                 self.errors.append(f"line trace: {type(exc).__name__}: {exc}")
+
+    def _add(self, seq: int, where: Where | None) -> None:
+        if self._seqs and self._seqs[-1] == seq:
+            self._where[-1] = where  # the line before created no node
+        else:
+            self._seqs.append(seq)
+            self._where.append(where)
 
     def _stop(self, seq: int | None) -> None:
         self.stopped = True
@@ -217,7 +232,7 @@ class SourceLines:
         self._start = self._counter()
         if frame is not None and self._is_user(frame.f_code):
             self._frame, self._frame_trace = frame, frame.f_trace
-            frame.f_trace = self._local
+            frame.f_trace = self._tracer
             if _CELL_FILE.search(frame.f_code.co_filename):  # `with watch():` in a cell
                 self._block_file = frame.f_code.co_filename
             self._note(frame.f_code, frame.f_lineno)
@@ -229,7 +244,7 @@ class SourceLines:
             sys.settrace(None)
         self._installed = False
         if self._frame is not None:
-            if self._frame.f_trace == self._local:
+            if self._frame.f_trace is self._tracer:
                 self._frame.f_trace = self._frame_trace
             self._frame = self._frame_trace = None
 
@@ -259,3 +274,4 @@ class SourceLines:
         self._uninstall()
         self._holds.clear()
         self._held_off = False
+        self._tracer = None  # the bound method held this object: no cycle outlives the block
