@@ -60,8 +60,8 @@ def test_a_nan_is_traced_to_the_forward_value_that_was_already_infinite(ip):
     assert torch.equal(ip.ns["p"].grad, torch.tensor([float("inf"), 3.0]))
     assert _finding(rep, "nan-inf").message == (
         "`p.grad` has 1 Inf (of 2 elements); `w.grad` has 1 Inf (of 2 elements): the forward "
-        "value was already -inf at line 2: `q = torch.log(p)` (`q` held -inf when backward "
-        "ran); the first non-finite gradient came out of `MulBackward0` at line 3: "
+        "value was already -inf at line 2: `q = torch.log(p)` with `p` = [0., 1.] (`q` held "
+        "-inf when backward ran); the first non-finite gradient came out of `MulBackward0` at line 3: "
         "`loss = (q * w).sum()`."
     )
 
@@ -243,12 +243,12 @@ def test_watch_in_a_script_gives_file_and_line(tmp_path):
         "MulBackward0 | helper.py:2 in `scaled` | return t * 3",
         "SumBackward0 | train.py:8 | loss = scaled(q).sum()",
         "`p.grad` has 1 Inf (of 2 elements): the forward value was already -inf at train.py:7: "
-        "`q = torch.log(p)` (`q` held -inf when backward ran); the first non-finite gradient "
-        "came out of `LogBackward0` there: likely `log` at 0 (its gradient is 1/x).",
+        "`q = torch.log(p)` with `p` = [0., 2.] (`q` held -inf when backward ran); the first "
+        "non-finite gradient came out of `LogBackward0` there: likely `log` at 0 (its gradient is 1/x).",
         "`p.grad` came from `loss` → `SumBackward0` (train.py:8) → `MulBackward0` "
         "(helper.py:2 in `scaled`) → `LogBackward0` (train.py:7) → `p`.",
         "It holds NaN or Inf: the forward value was already -inf at train.py:7: "
-        "`q = torch.log(p)` (`q` held -inf when backward ran).",
+        "`q = torch.log(p)` with `p` = [0., 2.] (`q` held -inf when backward ran).",
     ]
 
 
@@ -460,7 +460,7 @@ def test_lines_and_why_in_a_real_kernel(tmp_path):
         "`p.grad` came from `loss` → `SumBackward0` (line 4) → `MulBackward0` (line 4) → "
         "`LogBackward0` (line 2) → `p`.",
         "It holds NaN or Inf: the forward value was already -inf at line 2: "
-        "`q = torch.log(p)` (`q` held -inf when backward ran).",
+        "`q = torch.log(p)` with `p` = [0., 1.] (`q` held -inf when backward ran).",
     ]
     dot = "".join(o.get("text", "") for o in nb.cells[4].outputs)
     assert 'tooltip="LogBackward0 from line 2: q = torch.log(p)"' in dot

@@ -414,6 +414,20 @@ class Recorder:
                     continue
                 if what:
                     snap.forward_nonfinite[nid] = (key, what)
+                    snap.forward_inputs[nid] = self._small_leaves(snap, live, nid)
+
+    def _small_leaves(self, snap: Any, live: dict[int, Any], nid: int) -> list[tuple[int, Any]]:
+        """The leaves a node took as inputs, with their values, when they are small."""
+        found = []
+        for e in snap.edges:
+            leaf = snap.nodes[e.src]
+            if e.dst != nid or leaf.kind != "leaf" or leaf.leaf_key is None:
+                continue
+            tensor = live[e.src].variable
+            plain = type(tensor) in (torch.Tensor, torch.nn.Parameter)
+            if plain and not tensor.is_meta and tensor.numel() <= 16:
+                found.append((leaf.leaf_key, tensor.detach().tolist()))
+        return found
 
     def _ddp_unreached(
         self, found: list[tuple[torch.Tensor, LeafTrack]]

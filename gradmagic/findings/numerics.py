@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import stats
+from ..graph.data import flow_text
 from ..records import BlockRecord, LeafRecord, rows
 from ._base import Finding, listing, plural, rule, sci, used_value
 
@@ -49,7 +50,7 @@ def _first_nonfinite_op(block: BlockRecord) -> Any:
     return None
 
 
-def _forward_origin(block: BlockRecord) -> tuple[Any, str, str] | None:
+def _forward_origin(block: BlockRecord) -> tuple[Any, ...] | None:
     """The first op whose forward output a variable held non-finite as the backward began."""
     for record in block.backwards:
         origin = record.graph.forward_origin if record.graph is not None else None
@@ -65,12 +66,17 @@ def at_line(node: Any) -> str:
     return f" at {node.line}: `{node.code}`" if node.code else f" at {node.line}"
 
 
-def forward_origin_text(origin: tuple[Any, str, str]) -> str:
-    """`the forward value was already -inf at line 2: `q = torch.log(p)` (...)`."""
-    made, variable, what = origin
+def forward_origin_text(origin: tuple[Any, ...], block: BlockRecord) -> str:
+    """`the forward value was already -inf at line 2: `q = torch.log(p)` with `p` = [0., 1.]
+    (...)`."""
+    made, variable, what, inputs = origin
     where = at_line(made) or f" in `{made.op}`"
+    names = {r.key: r.name for r in block.leaves}
+    given = [f"`{names[key]}` = {flow_text(value)}" for key, value in inputs if names.get(key)]
+    with_ = f" with {' and '.join(given)}" if given else ""
     return (
-        f"the forward value was already {what}{where} (`{variable}` held {what} when backward ran)"
+        f"the forward value was already {what}{where}{with_} (`{variable}` held {what} when "
+        f"backward ran)"
     )
 
 
@@ -108,7 +114,9 @@ def nan_inf(block: BlockRecord) -> Iterator[Finding]:
     if origin is not None and (node is None or (origin[0].seq or 0) <= (node.seq or 0)):
         # A variable held the op's output non-finite, and that op ran in the forward no later
         # than the one whose backward first sent NaN/Inf: the forward value is where it began.
-        why = forward_origin_text(origin) + (f"; {backward_text(node, origin[0])}" if node else "")
+        why = forward_origin_text(origin, block)
+        if node is not None:
+            why += f"; {backward_text(node, origin[0])}"
     elif node is not None:
         why = backward_text(node, None, general=True)
     else:

@@ -193,7 +193,7 @@ def explain(block: BlockRecord, name: str) -> list[str]:
             origin = _forward_origin(block)
             node = _first_nonfinite_op(block)
             if origin is not None and (node is None or (origin[0].seq or 0) <= (node.seq or 0)):
-                out.append(f"It holds NaN or Inf: {forward_origin_text(origin)}.")
+                out.append(f"It holds NaN or Inf: {forward_origin_text(origin, block)}.")
             elif node is not None:
                 out.append(f"It holds NaN or Inf: {backward_text(node, None, general=True)}.")
         elif _is_zero(r.after):

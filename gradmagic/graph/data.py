@@ -106,6 +106,9 @@ class GraphSnapshot:
     # node id -> (a variable holding its output, "-inf", "NaN and inf"...): outputs the user's
     # namespace held, found non-finite as the backward began.
     forward_nonfinite: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # node id -> (leaf key, `tolist()` value) of the small leaves it took as inputs, read
+    # as the backward began (for the nodes of `forward_nonfinite`).
+    forward_inputs: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
     repeat_of: GraphSnapshot | None = field(default=None, repr=False)  # same structure, earlier
     folded: bool = False  # nodes, edges and flow dropped: drawn from `repeat_of`
 
@@ -195,13 +198,15 @@ class GraphSnapshot:
         return min(senders, key=lambda nid: ran.get(nid, 0))
 
     @property
-    def forward_origin(self) -> tuple[GraphNode, str, str] | None:
+    def forward_origin(self) -> tuple[GraphNode, str, str, list[tuple[int, Any]]] | None:
         """The earliest op (by creation) whose output was non-finite in the forward, with
-        the variable that held it and what it held; None when the namespace held none."""
+        the variable that held it, what it held and its small leaf inputs' values; None
+        when the namespace held none."""
         if not self.forward_nonfinite:
             return None
         nid = min(self.forward_nonfinite, key=lambda k: self.nodes[k].seq or 0)
-        return (self.nodes[nid], *self.forward_nonfinite[nid])
+        variable, what = self.forward_nonfinite[nid]
+        return self.nodes[nid], variable, what, self.forward_inputs.get(nid, [])
 
     def chain(self, call: int | None) -> list[int]:
         """Module calls from the outermost down to `call`."""
