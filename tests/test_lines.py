@@ -61,8 +61,8 @@ def test_a_nan_is_traced_to_the_forward_value_that_was_already_infinite(ip):
     assert _finding(rep, "nan-inf").message == (
         "`p.grad` has 1 Inf (of 2 elements); `w.grad` has 1 Inf (of 2 elements): the forward "
         "value was already -inf at line 2: `q = torch.log(p)` with `p` = [0., 1.] (`q` held "
-        "-inf when backward ran); the first non-finite gradient came out of `MulBackward0` at line 3: "
-        "`loss = (q * w).sum()`."
+        "-inf when backward ran); the first non-finite gradient came out of `MulBackward0` at "
+        "line 3: `loss = (q * w).sum()`."
     )
 
 
@@ -244,7 +244,8 @@ def test_watch_in_a_script_gives_file_and_line(tmp_path):
         "SumBackward0 | train.py:8 | loss = scaled(q).sum()",
         "`p.grad` has 1 Inf (of 2 elements): the forward value was already -inf at train.py:7: "
         "`q = torch.log(p)` with `p` = [0., 2.] (`q` held -inf when backward ran); the first "
-        "non-finite gradient came out of `LogBackward0` there: likely `log` at 0 (its gradient is 1/x).",
+        "non-finite gradient came out of `LogBackward0` there: likely `log` at 0 (its gradient "
+        "is 1/x).",
         "`p.grad` came from `loss` → `SumBackward0` (train.py:8) → `MulBackward0` "
         "(helper.py:2 in `scaled`) → `LogBackward0` (train.py:7) → `p`.",
         "It holds NaN or Inf: the forward value was already -inf at train.py:7: "
