@@ -37,6 +37,11 @@ class Options:
             raise ValueError(f"rank_timeout must be a number of seconds above 0, not {timeout!r}.")
         if self.steps and not self.graph:
             raise ValueError("steps=True shows the graph's ops: it needs graph=True.")
+        if self.lines not in (None, True, False):
+            raise ValueError(
+                f"lines must be True (always), False (never) or None (up to a budget of ops), "
+                f"not {self.lines!r}."
+            )
         if isinstance(self.values, bool) or not isinstance(self.values, int) or self.values < 0:
             raise ValueError(f"values must be a whole number >= 0, not {self.values!r}.")
         if isinstance(self.only, str):

@@ -199,6 +199,27 @@ def test_code_running_untraced_gets_no_line_rather_than_a_wrong_one():
     assert sys.gettrace() is None
 
 
+def test_lines_takes_true_false_or_none():
+    with pytest.raises(ValueError) as info, gradmagic.watch({}, lines="yes"):
+        pass
+    assert str(info.value) == (
+        "lines must be True (always), False (never) or None (up to a budget of ops), not 'yes'."
+    )
+    assert sys.gettrace() is None
+
+
+def test_code_in_tooltips_and_findings_is_escaped(ip):
+    ip.run("p = torch.tensor([0.0, 1.0], requires_grad=True)")
+    ip.run('%%grad -q -o rep\nq = torch.log(p)  # <script>"\\\nloss = q.sum()\nloss.backward()\n')
+    rep = ip.ns["rep"]
+    dot = rep.graph.source
+    assert 'tooltip="LogBackward0 from line 2: q = torch.log(p)  # <script>\\"\\\\"' in dot
+    html = rep._repr_html_()
+    assert "<script" not in html
+    assert "q = torch.log(p)  # &lt;script&gt;&quot;\\</code>" in html
+    assert "data:image/svg+xml;base64," in html  # the graph still draws
+
+
 SCRIPT = """\
 import torch
 import gradmagic
