@@ -392,6 +392,20 @@ def test_why_a_dead_relu(ip):
     )
 
 
+def test_why_a_zero_on_a_graph_too_large_for_flow_says_it_is_not_known(ip):
+    ip.run("w = torch.tensor([1., 2.], requires_grad=True)")
+    ip.run(
+        "%%grad -q -o rep\ny = w\nfor _ in range(200):\n    y = y * 1\n"
+        "loss = torch.relu(-y.abs()).sum()\nloss.backward()\n"
+    )
+    rep = ip.ns["rep"]
+    assert torch.equal(ip.ns["w"].grad, torch.zeros(2))
+    assert str(rep.why("w")).splitlines()[1] == (
+        "It is all zero: the gradients along this graph's edges were not recorded (they are on "
+        "graphs of up to 150 ops; this one has 204), so which op made it zero is not known."
+    )
+
+
 def test_why_a_nonzero_gradient_says_no_zero_and_no_cut(ip):
     ip.run("x = torch.tensor([1., 2.], requires_grad=True)")
     ip.run("%%grad -q -o rep\nloss = (torch.relu(x) * 3).sum()\nloss.backward()\n")

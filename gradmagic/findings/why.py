@@ -140,8 +140,8 @@ def _zeroing(snap: GraphSnapshot, path: list[int]) -> str:
     """Which op of the path received a nonzero gradient and passed on zeros."""
     if not snap.flow_in:
         return (
-            f"the gradients along this graph's edges were not recorded ({snap.n_ops} ops: "
-            f"over the budget), so which op made it zero is not known"
+            f"the gradients along this graph's edges were not recorded (they are on graphs of "
+            f"up to 150 ops; this one has {snap.n_ops}), so which op made it zero is not known"
         )
     fan_in: dict[tuple[int, int], int] = {}
     for e in snap.edges:
