@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -17,6 +14,7 @@ import gradmagic
 from gradmagic import demo
 from gradmagic.capture import recorder as recorder_module
 from gradmagic.magic import GradMagics
+from tests import launch
 
 # Under coverage or a debugger, gradmagic leaves their trace function alone and records no line.
 pytestmark = pytest.mark.skipif(
@@ -247,23 +245,8 @@ print(rep.why("p"))
 def test_watch_in_a_script_gives_file_and_line(tmp_path):
     (tmp_path / "helper.py").write_text("def scaled(t):\n    return t * 3\n")
     (tmp_path / "train.py").write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(gradmagic.__path__[0])])}
-    proc = subprocess.Popen(
-        [sys.executable, "train.py"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the script did not finish in 180 s")
-    assert proc.returncode == 0, err
+    code, out, err = launch.bounded([sys.executable, "train.py"], cwd=tmp_path, timeout=180)
+    assert code == 0, err
     assert out.splitlines() == [
         "LogBackward0 | train.py:7 | q = torch.log(p)",
         "MulBackward0 | helper.py:2 in `scaled` | return t * 3",
