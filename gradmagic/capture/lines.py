@@ -29,6 +29,10 @@ from typing import Any, NamedTuple
 from .. import _engine
 from .names import _is_library_file
 
+# gradmagic's own files are never the user's, even run from a checkout (`_is_library_file`
+# knows the package's folder only where it is installed).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
 DEFAULT_BUDGET = 10_000  # autograd nodes a block may create with lines traced, by default
 
 _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
@@ -119,7 +123,12 @@ class SourceLines:
     def _is_user(self, code: Any) -> bool:
         user = self._user.get(code)
         if user is None:
-            user = not _is_library_file(code.co_filename) and not (code.co_flags & _SUSPENDABLE)
+            filename = code.co_filename
+            user = not (
+                _is_library_file(filename)
+                or filename.startswith(_PACKAGE_DIR)
+                or code.co_flags & _SUSPENDABLE
+            )
             self._user[code] = user
         return user
 
