@@ -316,10 +316,22 @@ class GradMagics(Magics):
                 f"backward to keep it). Leaves of the last report: {leaves}."
             )
         if isinstance(value, torch.Tensor) and not value.requires_grad:
+            from .source import cuts
+
+            block = report.block
+            off = [
+                c
+                for c in cuts(block.source if block is not None else None)
+                if c.kind == "requires_grad_" and c.tensor == name
+            ]
+            how = (
+                f"the last %%grad cell turned it off at line {off[0].line}: `{off[0].code}`"
+                if off
+                else "make it with `requires_grad=True`"
+            )
             raise UsageError(
                 f"%grad why {name}: `{name}` does not require grad, so autograd gives it no "
-                f"gradient (make it with `requires_grad=True`). Leaves of the last report: "
-                f"{leaves}."
+                f"gradient ({how}). Leaves of the last report: {leaves}."
             )
         if name in self.shell.user_ns and not isinstance(value, torch.Tensor):
             raise UsageError(

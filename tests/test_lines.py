@@ -449,6 +449,19 @@ def test_why_bad_input_is_a_sentence(ip):
         rep.why(3)
 
 
+def test_why_a_leaf_the_cell_turned_off(ip):
+    ip.run("x = torch.tensor([1., 2.], requires_grad=True)")
+    ip.run("w = torch.tensor([3., 4.], requires_grad=True)")
+    ip.run("%%grad -q -o rep\nw.requires_grad_(False)\nloss = (w * x).sum()\nloss.backward()\n")
+    assert torch.equal(ip.ns["x"].grad, torch.tensor([3.0, 4.0]))
+    result = ip.run_raw("%grad why w")
+    assert str(result.error_in_exec) == (
+        "%grad why w: `w` does not require grad, so autograd gives it no gradient (the last "
+        "%%grad cell turned it off at line 2: `w.requires_grad_(False)`). Leaves of the last "
+        "report: `x`."
+    )
+
+
 def test_why_escapes_names_in_html(ip):
     ip.run("d = {'<b>': torch.tensor([1.0], requires_grad=True)}")
     ip.run("%%grad -q -o rep\nloss = (d['<b>'] * 2).sum()\nloss.backward()\n")
