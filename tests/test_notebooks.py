@@ -31,6 +31,7 @@ NOTEBOOKS = [
     "03_gradient_argument",
     "04_debugging_a_training_loop",
     "05_real_model",
+    "06_where_gradients_come_from",
 ]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -490,3 +491,42 @@ def test_03_steps_show_the_chain_rule_with_the_numbers():
     assert "a.grad = [36., 81.] = [1., 1.] · 1 · 3. · [12., 27.]" in page
     assert "b.grad = [-12., -8.] = [1., 1.] · -1 · [12., 8.]" in page
     assert "PowBackward0[3., 3.]3·a²" in page.replace("\n", "")
+
+
+def test_06_a_nan_is_traced_to_its_line():
+    rep = report(executed("06_where_gradients_come_from"), "nan")
+    text = rep.finding("nan-inf")
+    assert (
+        "the forward value was already -inf at line 2: q = torch.log(p) with p = [0., 1.]" in text
+    )
+    assert "the first non-finite gradient came out of MulBackward0 at line 3" in text
+
+
+def test_06_why_names_the_cut_and_its_line():
+    nb = executed("06_where_gradients_come_from")
+    assert printed(nb, "why-v").strip() == (
+        "`v` required grad but received none: the path from the loss to it is cut at line 3: "
+        "`h.detach()` (`h` is computed from `v`): `.detach()` returns a tensor without a graph."
+    )
+    assert "cut by a `torch.no_grad()` block at lines 4-5" in printed(nb, "why-b")
+    assert printed(nb, "why-x").strip() == (
+        "`x.grad` came from `loss` → `AddBackward0` (line 6) → `SumBackward0` (line 6) → "
+        "`MulBackward0` (line 6) → `x`."
+    )
+
+
+def test_06_steps_write_the_chain_rule_of_q():
+    nb = executed("06_where_gradients_come_from")
+    page = html.unescape(re.sub(r"<[^>]+>", "", report_html(nb, "steps")))
+    assert "a.grad = [36., 81.] = [1., 1.] · 1 · 3. · [12., 27.]" in page  # 9a²
+    assert "b.grad = [-12., -8.] = [1., 1.] · -1 · [12., 8.]" in page  # −2b
+
+
+def test_06_check_catches_the_forgotten_factor_and_passes_the_fix():
+    nb = executed("06_where_gradients_come_from")
+    bad = " ".join(text for _, text in report(nb, "check-bad").findings)
+    # (code spans in the HTML read as their text)
+    assert "Square's backward disagrees with finite differences for input 0 (s)" in bad
+    good = " ".join(text for _, text in report(nb, "check-good").findings)
+    assert "GoodSquare's backward agrees with finite differences" in good
+    assert "disagrees" not in good
