@@ -6,9 +6,6 @@ error, whose gradient is `(1/N) Σ sign(pred − t) · inputs`.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -19,6 +16,7 @@ from IPython.core.error import UsageError
 import gradmagic
 from gradmagic.capture import custom as custom_check
 from gradmagic.graph.data import flow_text
+from tests import launch
 
 SEED_001 = """
 a = torch.tensor([2., 3.], requires_grad=True)
@@ -479,22 +477,8 @@ SCRIPT = textwrap.dedent(
 def test_watch_in_a_script_prints_steps_and_check(tmp_path):
     path = tmp_path / "script.py"
     path.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        [sys.executable, str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the script did not finish in 120 s")
-    assert proc.returncode == 0, err
+    code, out, err = launch.bounded([sys.executable, str(path)], timeout=120)
+    assert code == 0, err
     assert "  ℹ `Square`'s backward agrees with finite differences" in out
     assert "      b.grad = [-12., -8.] = [1., 1.] · -1 · [12., 8.]" in out
     assert "      a.grad = [36., 81.] = [1., 1.] · 1 · 3. · [12., 27.]" in out
