@@ -27,6 +27,7 @@ import sys
 from typing import Any, NamedTuple
 
 from .. import _engine
+from .holds import HeldHook
 from .names import _is_library_file
 
 # gradmagic's own files are never the user's, even run from a checkout (`_is_library_file`
@@ -73,23 +74,11 @@ class Where(NamedTuple):
         return text.strip()
 
 
-class Holds:
-    """Hold several hooks off together (the naming hook and the line trace)."""
-
-    def __init__(self, *hooks: Any) -> None:
-        self.hooks = hooks
-
-    def hold(self, key: object) -> None:
-        for hook in self.hooks:
-            hook.hold(key)
-
-    def release(self, key: object) -> None:
-        for hook in self.hooks:
-            hook.release(key)
-
-
-class SourceLines:
+class SourceLines(HeldHook):
     """The trace function of one block, and the notes it took."""
+
+    _get_hook = staticmethod(sys.gettrace)
+    _set_hook = staticmethod(sys.settrace)
 
     def __init__(
         self,
@@ -112,8 +101,7 @@ class SourceLines:
         self._block_file: str | None = None  # the file of the watched code
         self._cell_line: int | None = None
         self._installed = False
-        self._holds: set[object] = set()
-        self._held_off = False
+        self._reset_holds()
         self._tracer = self._local  # one bound method: frames traced by it are told by `is`
         self.entry_frame: Any = None  # set by `watch()`: the frame running the block
         self._frame: Any = None
@@ -215,23 +203,8 @@ class SourceLines:
         return where.code(self.source)
 
     # -- on and off ------------------------------------------------------------------------------
-    def hold(self, key: object) -> None:
-        """Off until `release(key)` (inside module calls, optimizer steps, gradmagic's work)."""
-        if key in self._holds:
-            return
-        self._holds.add(key)
-        if len(self._holds) == 1 and self._installed and sys.gettrace() == self._global:
-            sys.settrace(None)
-            self._held_off = True
-
-    def release(self, key: object) -> None:
-        if key not in self._holds:
-            return
-        self._holds.discard(key)
-        if not self._holds and self._held_off:
-            self._held_off = False
-            if self._installed and sys.gettrace() is None:
-                sys.settrace(self._global)
+    def _hook_function(self) -> Any:
+        return self._global
 
     def enter(self, frame: Any = None) -> None:
         """Start tracing; `frame`, already running (a script's `with watch():`), is traced too."""
@@ -281,6 +254,5 @@ class SourceLines:
             self._seqs.append(self._counter())
             self._where.append(None)
         self._uninstall()
-        self._holds.clear()
-        self._held_off = False
+        self._reset_holds()
         self._tracer = None  # the bound method held this object: no cycle outlives the block

@@ -23,6 +23,7 @@ from .. import _engine
 from .._engine import module_tree
 from .._weak import WeakIdMap
 from ..source import parse_source
+from .holds import HeldHook
 
 MAX_CONTAINER_ITEMS = 256
 
@@ -259,7 +260,7 @@ def may_run_user_code(namespace: Mapping[str, Any] | None, source: str | None) -
 _SUSPENDABLE = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
-class CreatedLeafNames:
+class CreatedLeafNames(HeldHook):
     """Names of tensors created inside the user's functions, taken as they return.
 
     A weight made inside a helper (`def model(x): w = torch.tensor(2., requires_grad=True)`)
@@ -274,6 +275,9 @@ class CreatedLeafNames:
     (`may_run_user_code`).
     """
 
+    _get_hook = staticmethod(sys.getprofile)
+    _set_hook = staticmethod(sys.setprofile)
+
     def __init__(
         self, on_name: Any = None, enabled: bool = True, errors: list[str] | None = None
     ) -> None:
@@ -286,8 +290,7 @@ class CreatedLeafNames:
         self._user_code: dict[Any, bool] = {}
         self._installed = False
         self.enabled = enabled  # False: never installed (see `may_run_user_code`)
-        self._holds: set[object] = set()
-        self._held_off = False  # this hook was removed by a hold, to come back on release
+        self._reset_holds()
 
     def _is_user(self, code: Any) -> bool:
         user = self._user_code.get(code)
@@ -319,30 +322,11 @@ class CreatedLeafNames:
             if self.errors is not None:
                 self.errors.append(f"naming hook: {type(exc).__name__}: {exc}")
 
-    def hold(self, key: object) -> None:
-        """Keep the hook off until `release(key)`: inside `nn.Module` calls and
-        optimizer steps, which are library code, and around gradmagic's own work.
-
-        A profile hook puts the interpreter in tracing mode: every bytecode and C
-        call of a model's forward runs slower under it, while the names it looks
-        for are the user's own variables. Holds nest: the hook comes back when the
-        last one is released, if it was this hook that was removed.
-        """
-        if key in self._holds:
-            return
-        self._holds.add(key)
-        if len(self._holds) == 1 and self._installed and sys.getprofile() == self._profile:
-            sys.setprofile(None)
-            self._held_off = True
-
-    def release(self, key: object) -> None:
-        if key not in self._holds:
-            return
-        self._holds.discard(key)
-        if not self._holds and self._held_off:
-            self._held_off = False
-            if self._installed and sys.getprofile() is None:
-                sys.setprofile(self._profile)
+    def _hook_function(self) -> Any:
+        # A profile hook puts the interpreter in tracing mode: every bytecode and C call
+        # of a model's forward runs slower under it, while the names it looks for are
+        # the user's own variables; holds keep it off in library code.
+        return self._profile
 
     def want(self, tensor: torch.Tensor) -> None:
         """Also name this tensor (a backward's root, such as `loss`) if a frame holds it."""
@@ -361,5 +345,4 @@ class CreatedLeafNames:
         if self._installed and sys.getprofile() == self._profile:
             sys.setprofile(None)
         self._installed = False
-        self._holds.clear()
-        self._held_off = False
+        self._reset_holds()

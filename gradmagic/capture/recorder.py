@@ -31,8 +31,9 @@ from ..records import BackwardRecord, BlockRecord, Change, LeafRecord
 from .custom import CustomFunctionCall, custom_functions, function_name
 from .ddp import reduced_parameters, writes_unreached
 from .flow import FlowRecorder, RepeatFolder, unhooked_leaves
+from .holds import Holds
 from .leaves import Edit, LeafTrack
-from .lines import DEFAULT_BUDGET, Holds, SourceLines
+from .lines import DEFAULT_BUDGET, SourceLines
 from .modules import ModuleCalls
 from .names import CreatedLeafNames, may_run_user_code
 
