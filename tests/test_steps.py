@@ -270,6 +270,13 @@ class Float32Only(torch.autograd.Function):
 """
 
 
+def _functions() -> dict:
+    """The Functions of `FUNCTIONS`, defined outside a shell."""
+    namespace = {"torch": torch}
+    exec(FUNCTIONS, namespace)
+    return namespace
+
+
 def _first_input() -> float:
     generator = torch.Generator().manual_seed(custom_check.SEED)
     x = torch.rand((3,), dtype=torch.float64, generator=generator)
@@ -413,17 +420,7 @@ def test_a_forward_that_refuses_float64_is_a_sentence_not_a_traceback(ip):
 
 
 def test_an_input_that_needs_no_grad_is_said_not_checked():
-    class Product(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, y):
-            ctx.save_for_backward(x, y)
-            return x * y
-
-        @staticmethod
-        def backward(ctx, g):
-            x, y = ctx.saved_tensors
-            return g * y, g * x
-
+    Product = _functions()["Product"]
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     with gradmagic.watch(check=True) as rec:
         Product.apply(x, torch.tensor([3.0, 4.0])).sum().backward()
@@ -539,17 +536,7 @@ def test_a_loop_shows_its_graph_once_with_the_first_runs_numbers():
 
 
 def test_a_larger_function_is_checked_in_fast_mode_and_a_huge_one_is_not():
-    class Square(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return x**2
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return g * x  # wrong: 2x
-
+    Square = _functions()["Square"]  # its backward is wrong: g·x, not 2x·g
     a = torch.rand(10, 10, requires_grad=True)
     huge = torch.rand(5000, requires_grad=True)
     with gradmagic.watch(check=True) as rec:
