@@ -8,11 +8,12 @@ hold removed it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
 
-class HeldHook:
+class HeldHook(ABC):
     """Mixin for a hook installed with `_set_hook(self._hook_function())`; the class sets
     `_get_hook`/`_set_hook` (e.g. `sys.getprofile`/`sys.setprofile`) and keeps
     `_installed` true while its hook is meant to run."""
@@ -21,8 +22,9 @@ class HeldHook:
     _set_hook: Callable[[Any], None]
     _installed: bool
 
+    @abstractmethod
     def _hook_function(self) -> Any:
-        raise NotImplementedError
+        """The function this hook installs (compared with what is installed now)."""
 
     def _reset_holds(self) -> None:
         self._holds: set[object] = set()
